@@ -1,0 +1,555 @@
+// The CPU path of the fused Adafactor step.
+//
+// NOTE: [three passes]
+// A factored tensor needs the row and column means of g^2 + eps1 before it
+// can form the update, and the RMS of the whole update before it can clip it,
+// so it is read three times:
+//   pass 1  sum(p^2), row and column sums of g^2 + eps1        (reads p, g)
+//   --      row/column EMAs and rsqrt factors, O(rows + cols)
+//   pass 2  sum(u^2) of the unclipped update                   (reads g)
+//   pass 3  clip, lr, momentum, weight decay, write p          (reads p, g)
+// A non-factored tensor updates its second moment element-wise, so pass 1
+// also writes exp_avg_sq and sums u^2, and pass 2 is skipped.
+//
+// NOTE: [tiles]
+// Every pass runs over work items that depend only on the shapes: a factored
+// matrix is cut into tiles of at most AF_CPU_COL_BLOCK columns and a bounded
+// number of row blocks, a flat tensor into ranges of AF_CPU_TILE elements.
+// Each item writes its own partial sums and the partials are combined in
+// item order, so results are bitwise identical from run to run and do not
+// depend on the number of threads.
+//
+// NOTE: [column partials]
+// Column sums of a tile go to a (row block, column) scratch row owned by that
+// tile; at most AF_CPU_MAX_ROW_BLOCKS row blocks per matrix, and at least
+// AF_CPU_TILE / AF_CPU_COL_BLOCK rows per block otherwise, keep the scratch
+// at most 1/16 of the tensor.
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/common/utils.h"
+#include "mlx/backend/cpu/encoder.h"
+
+#include "adafactor.h"
+#include "parallel.h"
+
+namespace mlx_fused_adafactor {
+
+namespace {
+
+template <typename T>
+inline float load(const T* x, int64_t i) {
+  return static_cast<float>(x[i]);
+}
+
+template <typename T>
+inline void store(T* x, int64_t i, float v) {
+  x[i] = static_cast<T>(v);
+}
+
+// Pointers and geometry of one tensor of the step.
+template <typename P, typename G>
+struct Tensor {
+  const P* p;
+  const G* g;
+  P* p_out;
+  const float* s0; // exp_avg_sq_row, or exp_avg_sq
+  const float* s1; // exp_avg_sq_col
+  float* s0_out;
+  float* s1_out;
+  const P* m; // exp_avg (momentum only)
+  P* m_out;
+
+  bool factored;
+  int64_t n;
+  float inv_n;
+  // Factored geometry: B matrices of R x C, tiled as in NOTE: [tiles].
+  int64_t B, R, C;
+  int64_t cb, ncb, rb, nrb;
+  // Offsets into the scratch buffer.
+  size_t row_part, col_part, row_fac, col_fac;
+  // Range of this tensor's work items.
+  size_t item_begin, item_end;
+
+  AdafactorTensorScalars ts;
+};
+
+struct Item {
+  uint32_t tensor;
+  uint32_t b; // matrix within the tensor (factored)
+  uint32_t i; // row block (factored) or element range (flat)
+  uint32_t j; // column block (factored)
+};
+
+// A contiguous copy of an input that arrived with other strides.
+struct Staged {
+  std::vector<char> data;
+};
+
+const void* contiguous_data(
+    const mx::array& a,
+    std::vector<Staged>& staged,
+    std::vector<std::function<void()>>& gathers) {
+  if (a.flags().row_contiguous || a.size() == 0) {
+    return a.data<char>();
+  }
+  staged.emplace_back();
+  auto& buf = staged.back().data;
+  buf.resize(a.nbytes());
+  char* dst = buf.data();
+  gathers.push_back([dst,
+                     src = a.data<char>(),
+                     size = a.size(),
+                     item = a.itemsize(),
+                     shape = a.shape(),
+                     strides = a.strides()]() {
+    for (size_t e = 0; e < size; ++e) {
+      auto loc = mx::elem_to_loc(static_cast<int64_t>(e), shape, strides);
+      std::memcpy(dst + e * item, src + loc * item, item);
+    }
+  });
+  return dst;
+}
+
+// Give `out` a buffer: the input's own when MLX says it can be donated.
+void alloc_output(const mx::array& in, mx::array& out) {
+  if (in.is_donatable() && in.flags().row_contiguous &&
+      in.itemsize() == out.itemsize() && in.data_size() == in.size() &&
+      in.size() == out.size()) {
+    out.copy_shared_buffer(in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+}
+
+template <typename P, typename G>
+class CpuStep {
+ public:
+  CpuStep(AdafactorHyper h) : h_(h) {}
+
+  std::vector<Tensor<P, G>> tensors;
+  std::vector<Item> items;
+  std::vector<float> scratch;
+  std::vector<float> sum_p2; // per item
+  std::vector<float> sum_u2; // per item
+
+  // Lay out tiles and scratch for all tensors (NOTE: [tiles]).
+  void plan() {
+    size_t off = 0;
+    for (uint32_t t = 0; t < tensors.size(); ++t) {
+      auto& x = tensors[t];
+      x.item_begin = items.size();
+      if (x.factored) {
+        x.cb = std::max<int64_t>(1, std::min<int64_t>(x.C, AF_CPU_COL_BLOCK));
+        x.ncb = (x.C + x.cb - 1) / x.cb;
+        x.rb = std::max<int64_t>(1, AF_CPU_TILE / x.cb);
+        x.nrb = (x.R + x.rb - 1) / x.rb;
+        if (x.nrb > AF_CPU_MAX_ROW_BLOCKS) {
+          x.rb = (x.R + AF_CPU_MAX_ROW_BLOCKS - 1) / AF_CPU_MAX_ROW_BLOCKS;
+          x.nrb = (x.R + x.rb - 1) / x.rb;
+        }
+        x.row_part = off;
+        off += x.B * x.R * x.ncb;
+        x.col_part = off;
+        off += x.B * x.nrb * x.C;
+        x.row_fac = off;
+        off += x.B * x.R;
+        x.col_fac = off;
+        off += x.B * x.C;
+        if (x.n > 0) {
+          for (uint32_t b = 0; b < x.B; ++b) {
+            for (uint32_t i = 0; i < x.nrb; ++i) {
+              for (uint32_t j = 0; j < x.ncb; ++j) {
+                items.push_back({t, b, i, j});
+              }
+            }
+          }
+        }
+      } else {
+        int64_t chunks = (x.n + AF_CPU_TILE - 1) / AF_CPU_TILE;
+        for (uint32_t i = 0; i < chunks; ++i) {
+          items.push_back({t, 0, i, 0});
+        }
+      }
+      x.item_end = items.size();
+    }
+    scratch.resize(off);
+    sum_p2.assign(items.size(), 0.0f);
+    sum_u2.assign(items.size(), 0.0f);
+  }
+
+  void run(float t, float lr) {
+    auto& pool = ThreadPool::instance();
+    s_ = adafactor_step_scalars(t, lr, h_);
+    size_t total = 0;
+    for (auto& x : tensors) {
+      total += x.n;
+    }
+    // Waking the pool costs more than a tiny step.
+    bool serial = total < AF_CPU_TILE;
+
+    pool.parallel_for(items.size(), [&](size_t k) { pass1(k); }, serial);
+    pool.parallel_for(
+        tensors.size(), [&](size_t t) { finish_pass1(t); }, serial);
+    if (any_factored()) {
+      pool.parallel_for(items.size(), [&](size_t k) { pass2(k); }, serial);
+      pool.parallel_for(
+          tensors.size(), [&](size_t t) { finish_pass2(t); }, serial);
+    }
+    pool.parallel_for(items.size(), [&](size_t k) { pass3(k); }, serial);
+  }
+
+ private:
+  AdafactorHyper h_;
+  AdafactorStepScalars s_;
+
+  bool any_factored() const {
+    for (auto& x : tensors) {
+      if (x.factored) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // Element range of a flat item.
+  static void flat_range(const Tensor<P, G>& x, const Item& it, int64_t& lo,
+                         int64_t& hi) {
+    lo = static_cast<int64_t>(it.i) * AF_CPU_TILE;
+    hi = std::min<int64_t>(x.n, lo + AF_CPU_TILE);
+  }
+
+  // Row and column range of a factored tile.
+  static void tile_range(const Tensor<P, G>& x, const Item& it, int64_t& r0,
+                         int64_t& r1, int64_t& c0, int64_t& c1) {
+    r0 = it.i * x.rb;
+    r1 = std::min<int64_t>(x.R, r0 + x.rb);
+    c0 = it.j * x.cb;
+    c1 = std::min<int64_t>(x.C, c0 + x.cb);
+  }
+
+  void pass1(size_t k) {
+    const Item& it = items[k];
+    auto& x = tensors[it.tensor];
+    const AdafactorHyper h = h_;
+    float pp = 0.0f;
+    if (x.factored) {
+      int64_t r0, r1, c0, c1;
+      tile_range(x, it, r0, r1, c0, c1);
+      const int64_t w = c1 - c0;
+      float* col = scratch.data() + x.col_part + (it.b * x.nrb + it.i) * x.C + c0;
+      std::fill(col, col + w, 0.0f);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = (it.b * x.R + r) * x.C + c0;
+        const P* p = x.p + base;
+        const G* g = x.g + base;
+        float rs = 0.0f;
+        float ps = 0.0f;
+#pragma omp simd reduction(+ : rs, ps)
+        for (int64_t c = 0; c < w; ++c) {
+          float s = adafactor_sq_grad(load(g, c), h);
+          rs += s;
+          col[c] += s;
+          float pv = load(p, c);
+          ps += pv * pv;
+        }
+        scratch[x.row_part + (it.b * x.R + r) * x.ncb + it.j] = rs;
+        pp += ps;
+      }
+    } else {
+      int64_t lo, hi;
+      flat_range(x, it, lo, hi);
+      const AdafactorStepScalars s = s_;
+      float us = 0.0f;
+#pragma omp simd reduction(+ : pp, us)
+      for (int64_t e = lo; e < hi; ++e) {
+        float pv = load(x.p, e);
+        pp += pv * pv;
+        float sq = adafactor_ema(
+            x.s0[e], adafactor_sq_grad(load(x.g, e), h), s);
+        x.s0_out[e] = sq;
+        float u = adafactor_flat_update(sq, load(x.g, e));
+        us += u * u;
+      }
+      sum_u2[k] = us;
+    }
+    sum_p2[k] = pp;
+  }
+
+  float item_sum(const std::vector<float>& v, const Tensor<P, G>& x) const {
+    float acc = 0.0f;
+    for (size_t k = x.item_begin; k < x.item_end; ++k) {
+      acc += v[k];
+    }
+    return acc;
+  }
+
+  void finish_pass1(size_t t) {
+    auto& x = tensors[t];
+    x.ts.lr = adafactor_tensor_lr(item_sum(sum_p2, x), x.inv_n, s_, h_);
+    if (!x.factored) {
+      x.ts.clip_denom = adafactor_clip_denom(item_sum(sum_u2, x), x.inv_n, h_);
+      return;
+    }
+    const float inv_c = static_cast<float>(1.0 / static_cast<double>(x.C));
+    const float inv_r = static_cast<float>(1.0 / static_cast<double>(x.R));
+    float* row_part = scratch.data() + x.row_part;
+    float* col_part = scratch.data() + x.col_part;
+    float* row_fac = scratch.data() + x.row_fac;
+    float* col_fac = scratch.data() + x.col_fac;
+    for (int64_t b = 0; b < x.B; ++b) {
+      // Row EMA, then the factors relative to the mean of the new rows.
+      float row_total = 0.0f;
+      for (int64_t r = 0; r < x.R; ++r) {
+        const int64_t rr = b * x.R + r;
+        float s = 0.0f;
+        for (int64_t j = 0; j < x.ncb; ++j) {
+          s += row_part[rr * x.ncb + j];
+        }
+        float v = adafactor_ema(x.s0[rr], s * inv_c, s_);
+        x.s0_out[rr] = v;
+        row_total += v;
+      }
+      const float row_mean = row_total * inv_r;
+      for (int64_t r = 0; r < x.R; ++r) {
+        const int64_t rr = b * x.R + r;
+        row_fac[rr] = adafactor_row_factor(x.s0_out[rr], row_mean);
+      }
+      // Column EMA from the row-block partials, in row-block order.
+      for (int64_t c = 0; c < x.C; ++c) {
+        float s = 0.0f;
+        for (int64_t i = 0; i < x.nrb; ++i) {
+          s += col_part[(b * x.nrb + i) * x.C + c];
+        }
+        const int64_t cc = b * x.C + c;
+        float v = adafactor_ema(x.s1[cc], s * inv_r, s_);
+        x.s1_out[cc] = v;
+        col_fac[cc] = adafactor_col_factor(v);
+      }
+    }
+  }
+
+  void pass2(size_t k) {
+    const Item& it = items[k];
+    auto& x = tensors[it.tensor];
+    if (!x.factored) {
+      return;
+    }
+    int64_t r0, r1, c0, c1;
+    tile_range(x, it, r0, r1, c0, c1);
+    const int64_t w = c1 - c0;
+    const float* col_fac = scratch.data() + x.col_fac + it.b * x.C + c0;
+    float us = 0.0f;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float rf = scratch[x.row_fac + it.b * x.R + r];
+      const G* g = x.g + (it.b * x.R + r) * x.C + c0;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < w; ++c) {
+        float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
+        acc += u * u;
+      }
+      us += acc;
+    }
+    sum_u2[k] = us;
+  }
+
+  void finish_pass2(size_t t) {
+    auto& x = tensors[t];
+    if (x.factored) {
+      x.ts.clip_denom = adafactor_clip_denom(item_sum(sum_u2, x), x.inv_n, h_);
+    }
+  }
+
+  // Apply the clipped update to `w` elements at `base`; `u_of(c)` forms the
+  // unclipped update of element c.
+  template <bool Momentum, typename U>
+  void apply(const Tensor<P, G>& x, int64_t base, int64_t w, U u_of) {
+    const AdafactorHyper h = h_;
+    const AdafactorTensorScalars ts = x.ts;
+    const P* p = x.p + base;
+    P* p_out = x.p_out + base;
+    if constexpr (Momentum) {
+      const P* m = x.m + base;
+      P* m_out = x.m_out + base;
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) {
+        float mv = load(m, c);
+        float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
+        store(m_out, c, mv);
+        store(p_out, c, pv);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) {
+        float mv = 0.0f;
+        store(p_out, c, adafactor_apply(load(p, c), u_of(c), mv, ts, h));
+      }
+    }
+  }
+
+  template <bool Momentum>
+  void pass3_impl(const Item& it, const Tensor<P, G>& x) {
+    if (x.factored) {
+      int64_t r0, r1, c0, c1;
+      tile_range(x, it, r0, r1, c0, c1);
+      const float* col_fac = scratch.data() + x.col_fac + it.b * x.C + c0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const float rf = scratch[x.row_fac + it.b * x.R + r];
+        const int64_t base = (it.b * x.R + r) * x.C + c0;
+        const G* g = x.g + base;
+        apply<Momentum>(x, base, c1 - c0, [=](int64_t c) {
+          return adafactor_factored_update(rf, col_fac[c], load(g, c));
+        });
+      }
+    } else {
+      int64_t lo, hi;
+      flat_range(x, it, lo, hi);
+      const G* g = x.g + lo;
+      const float* sq = x.s0_out + lo;
+      apply<Momentum>(x, lo, hi - lo, [=](int64_t c) {
+        return adafactor_flat_update(sq[c], load(g, c));
+      });
+    }
+  }
+
+  void pass3(size_t k) {
+    const Item& it = items[k];
+    const auto& x = tensors[it.tensor];
+    if (h_.flags & AF_MOMENTUM) {
+      pass3_impl<true>(it, x);
+    } else {
+      pass3_impl<false>(it, x);
+    }
+  }
+};
+
+template <typename P, typename G>
+void eval_step(
+    const AdafactorHyper& h,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    mx::Stream stream) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  const bool momentum = h.flags & AF_MOMENTUM;
+
+  // Outputs first: donation must be decided before anything else holds the
+  // inputs.
+  {
+    size_t in = kFirstTensorIdx, out = 0;
+    while (in < inputs.size()) {
+      const bool factored = is_factored(inputs[in]);
+      alloc_output(inputs[in + kParamIdx], outputs[out]);
+      for (int k = 1; k < num_outputs(factored, momentum); ++k) {
+        alloc_output(inputs[in + 1 + k], outputs[out + k]);
+      }
+      in += num_inputs(factored, momentum);
+      out += num_outputs(factored, momentum);
+    }
+  }
+
+  auto step = std::make_shared<CpuStep<P, G>>(h);
+  auto staged = std::make_shared<std::vector<Staged>>();
+  staged->reserve(inputs.size());
+  auto gathers = std::make_shared<std::vector<std::function<void()>>>();
+  size_t in = kFirstTensorIdx, out = 0;
+  while (in < inputs.size()) {
+    const auto& p = inputs[in + kParamIdx];
+    const bool factored = is_factored(p);
+    Tensor<P, G> x{};
+    auto ptr = [&](int slot) {
+      return contiguous_data(inputs[in + slot], *staged, *gathers);
+    };
+    x.p = static_cast<const P*>(ptr(kParamIdx));
+    x.g = static_cast<const G*>(ptr(kGradIdx));
+    x.p_out = outputs[out].data<P>();
+    x.factored = factored;
+    x.n = p.size();
+    x.inv_n = static_cast<float>(1.0 / static_cast<double>(x.n));
+    if (factored) {
+      x.s0 = static_cast<const float*>(ptr(kRowIdx));
+      x.s1 = static_cast<const float*>(ptr(kColIdx));
+      x.s0_out = outputs[out + 1].data<float>();
+      x.s1_out = outputs[out + 2].data<float>();
+      x.C = p.shape(-1);
+      x.R = p.shape(-2);
+      x.B = 1;
+      for (int d = 0; d < p.ndim() - 2; ++d) {
+        x.B *= p.shape(d);
+      }
+    } else {
+      x.s0 = static_cast<const float*>(ptr(kSqIdx));
+      x.s0_out = outputs[out + 1].data<float>();
+    }
+    if (momentum) {
+      const int m_in = num_inputs(factored, momentum) - 1;
+      const int m_out = num_outputs(factored, momentum) - 1;
+      x.m = static_cast<const P*>(ptr(m_in));
+      x.m_out = outputs[out + m_out].data<P>();
+    }
+    step->tensors.push_back(x);
+    in += num_inputs(factored, momentum);
+    out += num_outputs(factored, momentum);
+  }
+  step->plan();
+
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  for (auto& a : outputs) {
+    encoder.set_output_array(a);
+  }
+  encoder.dispatch([step,
+                    staged,
+                    gathers,
+                    t_ptr = inputs[kStepIdx].data<float>(),
+                    lr_ptr = inputs[kLrIdx].data<float>()]() {
+    for (auto& gather : *gathers) {
+      gather();
+    }
+    step->run(*t_ptr, *lr_ptr);
+  });
+}
+
+template <typename P>
+void eval_step_p(
+    const AdafactorHyper& h,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    mx::Stream stream) {
+  switch (inputs[kFirstTensorIdx + kGradIdx].dtype()) {
+    case mx::float32:
+      return eval_step<P, float>(h, inputs, outputs, stream);
+    case mx::float16:
+      return eval_step<P, mx::float16_t>(h, inputs, outputs, stream);
+    case mx::bfloat16:
+      return eval_step<P, mx::bfloat16_t>(h, inputs, outputs, stream);
+    default:
+      throw std::invalid_argument("[adafactor] unsupported gradient dtype.");
+  }
+}
+
+} // namespace
+
+void AdafactorStep::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  if (inputs.size() <= kFirstTensorIdx) {
+    return;
+  }
+  switch (inputs[kFirstTensorIdx + kParamIdx].dtype()) {
+    case mx::float32:
+      return eval_step_p<float>(hyper_, inputs, outputs, stream());
+    case mx::float16:
+      return eval_step_p<mx::float16_t>(hyper_, inputs, outputs, stream());
+    case mx::bfloat16:
+      return eval_step_p<mx::bfloat16_t>(hyper_, inputs, outputs, stream());
+    default:
+      throw std::invalid_argument("[adafactor] unsupported parameter dtype.");
+  }
+}
+
+} // namespace mlx_fused_adafactor

@@ -1,0 +1,188 @@
+// Adafactor per-element and per-tensor math, shared by the Metal kernels and
+// the CPU path so the two cannot drift.
+//
+// Compiles as Metal Shading Language (when __METAL__ is defined) and as C++17.
+// Everything here is fp32 arithmetic, whatever the storage type of the
+// parameter: callers load into float, call these functions, and round once at
+// the store.
+//
+// The order of operations mirrors mlx.optimizers.Adafactor line by line (see
+// the comment on each function), so that fp32 results agree with the stock
+// optimizer to rounding of the reductions only.
+
+#pragma once
+
+#if defined(__METAL__)
+#include <metal_stdlib>
+#define AF_CONST constant
+#define AF_INLINE inline
+#define AF_SQRT(x) metal::precise::sqrt(x)
+#define AF_RSQRT(x) metal::precise::rsqrt(x)
+#define AF_POW(x, y) metal::precise::pow(x, y)
+#define AF_MAX(a, b) metal::max(a, b)
+#define AF_MIN(a, b) metal::min(a, b)
+#else
+#include <cmath>
+#include <cstdint>
+#define AF_CONST
+#define AF_INLINE inline
+#define AF_SQRT(x) std::sqrt(x)
+#define AF_RSQRT(x) (1.0f / std::sqrt(x))
+#define AF_POW(x, y) std::pow(x, y)
+#define AF_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define AF_MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+
+// Numbers both compilers must agree on. The Metal launch plan and the kernels
+// read them from here; the CPU path uses the tile sizes.
+
+// Lanes in a simdgroup on Apple GPUs.
+static AF_CONST constexpr int AF_SIMD_SIZE = 32;
+// Threads per threadgroup for every kernel (8 simdgroups).
+static AF_CONST constexpr int AF_THREADS_PER_GROUP = 256;
+// Elements each thread reads per loop iteration.
+static AF_CONST constexpr int AF_N_READS = 4;
+// Tensors with at most this many elements run in one threadgroup end to end.
+static AF_CONST constexpr int AF_SMALL_LIMIT = 4096;
+// CPU tiling: columns per tile and elements per tile.
+static AF_CONST constexpr int AF_CPU_COL_BLOCK = 4096;
+static AF_CONST constexpr int AF_CPU_TILE = 65536;
+// CPU tiling: at most this many row blocks per matrix, which bounds the
+// column-partial scratch to 1/16 of the tensor (NOTE: [column partials]).
+static AF_CONST constexpr int AF_CPU_MAX_ROW_BLOCKS = 64;
+
+// Bits of AdafactorHyper::flags.
+static AF_CONST constexpr int AF_SCALE_PARAMETER = 1;
+static AF_CONST constexpr int AF_RELATIVE_STEP = 2;
+static AF_CONST constexpr int AF_WARMUP_INIT = 4;
+static AF_CONST constexpr int AF_MOMENTUM = 8;
+static AF_CONST constexpr int AF_WEIGHT_DECAY = 16;
+
+// Constructor options of the optimizer, fixed for its lifetime.
+struct AdafactorHyper {
+  float eps1; // added to g^2 before the second-moment averages
+  float eps2; // floor of RMS(p) when scale_parameter is set
+  float clip_threshold; // the update is clipped at this RMS
+  float decay_rate; // beta2 = 1 - t^decay_rate
+  float beta1; // first-moment coefficient, used if flags & AF_MOMENTUM
+  float one_minus_beta1; // 1 - beta1, computed in double on the host as stock
+  float weight_decay; // decoupled weight decay, used if flags & AF_WEIGHT_DECAY
+  int flags; // AF_* bits above
+};
+
+// Values that depend on the step count and learning rate, same for every
+// tensor of the step.
+struct AdafactorStepScalars {
+  float beta2; // 1 - t^decay_rate
+  float one_minus_beta2; // 1 - beta2, rounded as stock rounds it
+  float rel_step; // relative step size, or the learning rate
+};
+
+// Values of one tensor after its reductions.
+struct AdafactorTensorScalars {
+  float lr; // parameter_scale * rel_step
+  float clip_denom; // max(1, RMS(u) / clip_threshold)
+};
+
+// stock: beta_2 = 1.0 - (step**decay_rate); relative step size
+//        min(1e-6 * step if warmup_init else 1e-2, rsqrt(step)), or the
+//        learning rate when relative_step is off.
+AF_INLINE AdafactorStepScalars
+adafactor_step_scalars(float t, float learning_rate, AdafactorHyper h) {
+  AdafactorStepScalars s;
+  s.beta2 = 1.0f - AF_POW(t, h.decay_rate);
+  s.one_minus_beta2 = 1.0f - s.beta2;
+  if (h.flags & AF_RELATIVE_STEP) {
+    float min_step = (h.flags & AF_WARMUP_INIT) ? 1e-6f * t : 1e-2f;
+    s.rel_step = AF_MIN(min_step, AF_RSQRT(t));
+  } else {
+    s.rel_step = learning_rate;
+  }
+  return s;
+}
+
+// stock: parameter_scale = max(eps[1], RMS(p)); lr = parameter_scale * rel.
+// Means are a sum times 1/n, as MLX computes them; `inv_n` is (float)(1.0 / n)
+// and is infinite for empty tensors, which makes their means NaN as in stock.
+AF_INLINE float adafactor_tensor_lr(
+    float sum_p2,
+    float inv_n,
+    AdafactorStepScalars s,
+    AdafactorHyper h) {
+  if (h.flags & AF_SCALE_PARAMETER) {
+    float rms = AF_SQRT(sum_p2 * inv_n);
+    return AF_MAX(h.eps2, rms) * s.rel_step;
+  }
+  return s.rel_step;
+}
+
+// stock: update / max(1.0, RMS(update) / clip_threshold), denominator only.
+AF_INLINE float
+adafactor_clip_denom(float sum_u2, float inv_n, AdafactorHyper h) {
+  return AF_MAX(1.0f, AF_SQRT(sum_u2 * inv_n) / h.clip_threshold);
+}
+
+// stock: update = square(gradient) + eps[0].
+AF_INLINE float adafactor_sq_grad(float g, AdafactorHyper h) {
+  return g * g + h.eps1;
+}
+
+// stock: (beta_2 * state) + ((1 - beta_2) * mean).
+AF_INLINE float
+adafactor_ema(float state, float mean, AdafactorStepScalars s) {
+  return s.beta2 * state + s.one_minus_beta2 * mean;
+}
+
+// stock: r_factor = rsqrt(row / mean(row, axis=-1)).
+AF_INLINE float adafactor_row_factor(float row, float row_mean) {
+  return AF_RSQRT(row / row_mean);
+}
+
+// stock: c_factor = rsqrt(col).
+AF_INLINE float adafactor_col_factor(float col) {
+  return AF_RSQRT(col);
+}
+
+// stock: (r_factor[..., None] * c_factor[..., None, :]) * gradient.
+AF_INLINE float adafactor_factored_update(float r, float c, float g) {
+  return (r * c) * g;
+}
+
+// stock: rsqrt(exp_avg_sq) * gradient.
+AF_INLINE float adafactor_flat_update(float sq, float g) {
+  return AF_RSQRT(sq) * g;
+}
+
+// The last part of the step for one element: clip, scale, momentum, weight
+// decay and the parameter update. `m` is the first moment, read and written
+// only when flags & AF_MOMENTUM. Returns the new parameter value.
+//
+// stock: update = lr * (update / clip_denom);
+//        exp_avg = beta_1 * exp_avg + (1 - beta_1) * update; update = exp_avg;
+//        parameter = parameter + parameter * (-weight_decay * lr);
+//        return parameter - update.
+#if defined(__METAL__)
+AF_INLINE float adafactor_apply(
+    float p,
+    float u,
+    thread float& m,
+    AdafactorTensorScalars ts,
+    AdafactorHyper h) {
+#else
+AF_INLINE float adafactor_apply(
+    float p,
+    float u,
+    float& m,
+    AdafactorTensorScalars ts,
+    AdafactorHyper h) {
+#endif
+  u = ts.lr * (u / ts.clip_denom);
+  if (h.flags & AF_MOMENTUM) {
+    m = h.beta1 * m + h.one_minus_beta1 * u;
+    u = m;
+  }
+  if (h.flags & AF_WEIGHT_DECAY) {
+    p = p + p * (-h.weight_decay * ts.lr);
+  }
+  return p - u;
+}

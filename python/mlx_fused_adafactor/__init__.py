@@ -1,0 +1,14 @@
+"""Fused Adafactor for MLX: a drop-in replacement for ``mlx.optimizers.Adafactor``.
+
+>>> from mlx_fused_adafactor import Adafactor
+>>> optimizer = Adafactor()  # same arguments as mlx.optimizers.Adafactor
+"""
+
+from ._build import ext as _ext
+from .optimizer import Adafactor
+from .reference import adafactor_reference
+
+__version__ = "0.1.0"
+MLX_BUILD_VERSION = _ext.mlx_build_version
+
+__all__ = ["Adafactor", "adafactor_reference", "MLX_BUILD_VERSION"]
