@@ -4,7 +4,11 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "mlx/allocator.h"
+#include "mlx/transforms.h"
+
 #include "adafactor.h"
+#include "buffer_cache.h"
 
 namespace mlx_fused_adafactor {
 
@@ -55,6 +59,7 @@ std::vector<mx::array> adafactor_step(
     const std::vector<std::vector<mx::array>>& states,
     const std::vector<std::string>& names,
     const AdafactorHyper& hyper,
+    bool allow_eager,
     mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   const size_t n = params.size();
@@ -127,6 +132,33 @@ std::vector<mx::array> adafactor_step(
   }
   if (n == 0) {
     return {};
+  }
+
+  // See NOTE: [eager step].
+  bool eager = allow_eager && stream.device == mx::Device::cpu;
+  for (size_t i = 0; eager && i < inputs.size(); ++i) {
+    eager = !inputs[i].is_tracer();
+  }
+  if (eager) {
+    mx::eval(inputs);
+    auto& cache = BufferCache::instance();
+    std::vector<mx::array> outputs;
+    outputs.reserve(out_shapes.size());
+    size_t total = 0;
+    for (size_t i = 0; i < out_shapes.size(); ++i) {
+      size_t bytes = mx::size_of(out_dtypes[i]);
+      for (auto d : out_shapes[i]) {
+        bytes *= d;
+      }
+      total += bytes;
+      outputs.emplace_back(
+          cache.acquire(bytes), std::move(out_shapes[i]), out_dtypes[i]);
+    }
+    cache.reserve(total);
+    make_cpu_runner(hyper, inputs, outputs)
+        ->execute(
+            inputs[kStepIdx].item<float>(), inputs[kLrIdx].item<float>());
+    return outputs;
   }
   return mx::array::make_arrays(
       std::move(out_shapes),

@@ -59,8 +59,16 @@ inline int num_outputs(bool factored, bool momentum) {
 
 // Build the fused step. `states[i]` holds tensor i's state in the order of
 // the slot layout. `names[i]` is the parameter path used in error messages.
-// Throws std::invalid_argument naming the path on bad input; nothing is
-// evaluated here.
+// Throws std::invalid_argument naming the path on bad input.
+//
+// NOTE: [eager step]
+// MLX's graph bookkeeping costs a few microseconds per output array (siblings
+// of a multi-output primitive, detach, hashing), which is more than the math
+// of a 1K-element tensor. With `allow_eager`, on a CPU stream and with no
+// input under a transformation (no tracer: not inside mx.compile, grad or
+// vmap), the step therefore evaluates its inputs and runs at once, returning
+// plain evaluated arrays. Otherwise it returns the outputs of one lazy
+// AdafactorStep primitive. Both run the same CPU code (make_cpu_runner).
 std::vector<mx::array> adafactor_step(
     const mx::array& step,
     const mx::array& learning_rate,
@@ -69,6 +77,7 @@ std::vector<mx::array> adafactor_step(
     const std::vector<std::vector<mx::array>>& states,
     const std::vector<std::string>& names,
     const AdafactorHyper& hyper,
+    bool allow_eager,
     mx::StreamOrDevice s = {});
 
 class AdafactorStep : public mx::Primitive {
@@ -100,6 +109,18 @@ class AdafactorStep : public mx::Primitive {
   AdafactorHyper hyper_;
   int num_tensors_;
 };
+
+// A CPU step bound to its input and output buffers; execute() runs it once
+// the inputs hold their data. Shared by the lazy primitive and the eager path.
+struct StepRunner {
+  virtual void execute(float t, float lr) = 0;
+  virtual ~StepRunner() = default;
+};
+
+std::shared_ptr<StepRunner> make_cpu_runner(
+    const AdafactorHyper& h,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs);
 
 // True when this build carries Metal kernels (macOS builds).
 bool has_metal_kernels();

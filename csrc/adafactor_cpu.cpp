@@ -427,106 +427,82 @@ class CpuStep {
   }
 };
 
+// The CPU step for one dtype pair, ready to run once its inputs are ready.
 template <typename P, typename G>
-void eval_step(
-    const AdafactorHyper& h,
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    mx::Stream stream) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  const bool momentum = h.flags & AF_MOMENTUM;
-
-  // Outputs first: donation must be decided before anything else holds the
-  // inputs.
-  {
+class CpuRunner : public StepRunner {
+ public:
+  CpuRunner(
+      const AdafactorHyper& h,
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs)
+      : step_(h) {
+    const bool momentum = h.flags & AF_MOMENTUM;
+    staged_.reserve(inputs.size());
     size_t in = kFirstTensorIdx, out = 0;
     while (in < inputs.size()) {
-      const bool factored = is_factored(inputs[in]);
-      alloc_output(inputs[in + kParamIdx], outputs[out]);
-      for (int k = 1; k < num_outputs(factored, momentum); ++k) {
-        alloc_output(inputs[in + 1 + k], outputs[out + k]);
+      const auto& p = inputs[in + kParamIdx];
+      const bool factored = is_factored(p);
+      Tensor<P, G> x{};
+      auto ptr = [&](int slot) {
+        return contiguous_data(inputs[in + slot], staged_, gathers_);
+      };
+      x.p = static_cast<const P*>(ptr(kParamIdx));
+      x.g = static_cast<const G*>(ptr(kGradIdx));
+      x.p_out = outputs[out].data<P>();
+      x.factored = factored;
+      x.n = p.size();
+      x.inv_n = static_cast<float>(1.0 / static_cast<double>(x.n));
+      if (factored) {
+        x.s0 = static_cast<const float*>(ptr(kRowIdx));
+        x.s1 = static_cast<const float*>(ptr(kColIdx));
+        x.s0_out = outputs[out + 1].data<float>();
+        x.s1_out = outputs[out + 2].data<float>();
+        x.C = p.shape(-1);
+        x.R = p.shape(-2);
+        x.B = 1;
+        for (int d = 0; d < p.ndim() - 2; ++d) {
+          x.B *= p.shape(d);
+        }
+      } else {
+        x.s0 = static_cast<const float*>(ptr(kSqIdx));
+        x.s0_out = outputs[out + 1].data<float>();
       }
+      if (momentum) {
+        x.m = static_cast<const P*>(ptr(num_inputs(factored, momentum) - 1));
+        x.m_out = outputs[out + num_outputs(factored, momentum) - 1].data<P>();
+      }
+      step_.tensors.push_back(x);
       in += num_inputs(factored, momentum);
       out += num_outputs(factored, momentum);
     }
+    step_.plan();
   }
 
-  auto step = std::make_shared<CpuStep<P, G>>(h);
-  auto staged = std::make_shared<std::vector<Staged>>();
-  staged->reserve(inputs.size());
-  auto gathers = std::make_shared<std::vector<std::function<void()>>>();
-  size_t in = kFirstTensorIdx, out = 0;
-  while (in < inputs.size()) {
-    const auto& p = inputs[in + kParamIdx];
-    const bool factored = is_factored(p);
-    Tensor<P, G> x{};
-    auto ptr = [&](int slot) {
-      return contiguous_data(inputs[in + slot], *staged, *gathers);
-    };
-    x.p = static_cast<const P*>(ptr(kParamIdx));
-    x.g = static_cast<const G*>(ptr(kGradIdx));
-    x.p_out = outputs[out].data<P>();
-    x.factored = factored;
-    x.n = p.size();
-    x.inv_n = static_cast<float>(1.0 / static_cast<double>(x.n));
-    if (factored) {
-      x.s0 = static_cast<const float*>(ptr(kRowIdx));
-      x.s1 = static_cast<const float*>(ptr(kColIdx));
-      x.s0_out = outputs[out + 1].data<float>();
-      x.s1_out = outputs[out + 2].data<float>();
-      x.C = p.shape(-1);
-      x.R = p.shape(-2);
-      x.B = 1;
-      for (int d = 0; d < p.ndim() - 2; ++d) {
-        x.B *= p.shape(d);
-      }
-    } else {
-      x.s0 = static_cast<const float*>(ptr(kSqIdx));
-      x.s0_out = outputs[out + 1].data<float>();
-    }
-    if (momentum) {
-      const int m_in = num_inputs(factored, momentum) - 1;
-      const int m_out = num_outputs(factored, momentum) - 1;
-      x.m = static_cast<const P*>(ptr(m_in));
-      x.m_out = outputs[out + m_out].data<P>();
-    }
-    step->tensors.push_back(x);
-    in += num_inputs(factored, momentum);
-    out += num_outputs(factored, momentum);
-  }
-  step->plan();
-
-  for (auto& a : inputs) {
-    encoder.set_input_array(a);
-  }
-  for (auto& a : outputs) {
-    encoder.set_output_array(a);
-  }
-  encoder.dispatch([step,
-                    staged,
-                    gathers,
-                    t_ptr = inputs[kStepIdx].data<float>(),
-                    lr_ptr = inputs[kLrIdx].data<float>()]() {
-    for (auto& gather : *gathers) {
+  void execute(float t, float lr) override {
+    for (auto& gather : gathers_) {
       gather();
     }
-    step->run(*t_ptr, *lr_ptr);
-  });
-}
+    step_.run(t, lr);
+  }
+
+ private:
+  CpuStep<P, G> step_;
+  std::vector<Staged> staged_;
+  std::vector<std::function<void()>> gathers_;
+};
 
 template <typename P>
-void eval_step_p(
+std::shared_ptr<StepRunner> make_runner_p(
     const AdafactorHyper& h,
     const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    mx::Stream stream) {
+    std::vector<mx::array>& outputs) {
   switch (inputs[kFirstTensorIdx + kGradIdx].dtype()) {
     case mx::float32:
-      return eval_step<P, float>(h, inputs, outputs, stream);
+      return std::make_shared<CpuRunner<P, float>>(h, inputs, outputs);
     case mx::float16:
-      return eval_step<P, mx::float16_t>(h, inputs, outputs, stream);
+      return std::make_shared<CpuRunner<P, mx::float16_t>>(h, inputs, outputs);
     case mx::bfloat16:
-      return eval_step<P, mx::bfloat16_t>(h, inputs, outputs, stream);
+      return std::make_shared<CpuRunner<P, mx::bfloat16_t>>(h, inputs, outputs);
     default:
       throw std::invalid_argument("[adafactor] unsupported gradient dtype.");
   }
@@ -534,22 +510,55 @@ void eval_step_p(
 
 } // namespace
 
+std::shared_ptr<StepRunner> make_cpu_runner(
+    const AdafactorHyper& h,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  switch (inputs[kFirstTensorIdx + kParamIdx].dtype()) {
+    case mx::float32:
+      return make_runner_p<float>(h, inputs, outputs);
+    case mx::float16:
+      return make_runner_p<mx::float16_t>(h, inputs, outputs);
+    case mx::bfloat16:
+      return make_runner_p<mx::bfloat16_t>(h, inputs, outputs);
+    default:
+      throw std::invalid_argument("[adafactor] unsupported parameter dtype.");
+  }
+}
+
 void AdafactorStep::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   if (inputs.size() <= kFirstTensorIdx) {
     return;
   }
-  switch (inputs[kFirstTensorIdx + kParamIdx].dtype()) {
-    case mx::float32:
-      return eval_step_p<float>(hyper_, inputs, outputs, stream());
-    case mx::float16:
-      return eval_step_p<mx::float16_t>(hyper_, inputs, outputs, stream());
-    case mx::bfloat16:
-      return eval_step_p<mx::bfloat16_t>(hyper_, inputs, outputs, stream());
-    default:
-      throw std::invalid_argument("[adafactor] unsupported parameter dtype.");
+  // Outputs first: donation must be decided before anything else holds the
+  // inputs.
+  const bool momentum = hyper_.flags & AF_MOMENTUM;
+  size_t in = kFirstTensorIdx, out = 0;
+  while (in < inputs.size()) {
+    const bool factored = is_factored(inputs[in]);
+    alloc_output(inputs[in + kParamIdx], outputs[out]);
+    for (int k = 1; k < num_outputs(factored, momentum); ++k) {
+      alloc_output(inputs[in + 1 + k], outputs[out + k]);
+    }
+    in += num_inputs(factored, momentum);
+    out += num_outputs(factored, momentum);
   }
+
+  auto runner = make_cpu_runner(hyper_, inputs, outputs);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) {
+    encoder.set_input_array(a);
+  }
+  for (auto& a : outputs) {
+    encoder.set_output_array(a);
+  }
+  encoder.dispatch([runner,
+                    t_ptr = inputs[kStepIdx].data<float>(),
+                    lr_ptr = inputs[kLrIdx].data<float>()]() {
+    runner->execute(*t_ptr, *lr_ptr);
+  });
 }
 
 } // namespace mlx_fused_adafactor

@@ -9,6 +9,7 @@
 #include "mlx/version.h"
 
 #include "adafactor.h"
+#include "buffer_cache.h"
 #include "parallel.h"
 
 namespace nb = nanobind;
@@ -25,6 +26,15 @@ NB_MODULE(_ext, m) {
   m.attr("mlx_build_version") = AF_STR(MLX_VERSION_MAJOR) "." AF_STR(
       MLX_VERSION_MINOR) "." AF_STR(MLX_VERSION_PATCH);
   m.attr("has_metal_kernels") = af::has_metal_kernels();
+
+  m.def(
+      "buffer_cache_bytes",
+      [] { return af::BufferCache::instance().cached_bytes(); },
+      "Bytes the eager step keeps for reuse (NOTE: [eager step]).");
+  m.def(
+      "clear_buffer_cache",
+      [] { af::BufferCache::instance().clear(); },
+      "Free the buffers the eager step keeps for reuse.");
 
   m.def("num_threads", [] { return af::ThreadPool::instance().num_threads(); },
         "Threads the CPU path spreads a step over.");
@@ -45,6 +55,7 @@ NB_MODULE(_ext, m) {
          float one_minus_beta1,
          float weight_decay,
          int flags,
+         bool allow_eager,
          mx::StreamOrDevice s) {
         AdafactorHyper h{
             eps1,
@@ -56,7 +67,8 @@ NB_MODULE(_ext, m) {
             weight_decay,
             flags};
         return af::adafactor_step(
-            step, learning_rate, params, grads, states, names, h, s);
+            step, learning_rate, params, grads, states, names, h, allow_eager,
+            s);
       },
       "step"_a,
       "learning_rate"_a,
@@ -73,9 +85,11 @@ NB_MODULE(_ext, m) {
       "weight_decay"_a,
       "flags"_a,
       nb::kw_only(),
+      "allow_eager"_a = true,
       "stream"_a = nb::none(),
       "Build the fused step for tensors of one dtype group; returns, per "
-      "tensor, the new parameter and state in slot order.");
+      "tensor, the new parameter and state in slot order. With allow_eager, "
+      "outside transformations on the CPU, the step runs at once.");
 
   m.attr("SCALE_PARAMETER") = AF_SCALE_PARAMETER;
   m.attr("RELATIVE_STEP") = AF_RELATIVE_STEP;

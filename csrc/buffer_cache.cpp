@@ -1,0 +1,74 @@
+#include "buffer_cache.h"
+
+#include <cstdlib>
+
+namespace mlx_fused_adafactor {
+
+namespace alloc = mlx::core::allocator;
+
+BufferCache& BufferCache::instance() {
+  // Never destroyed: arrays may return buffers during interpreter shutdown.
+  static BufferCache* cache = new BufferCache();
+  return *cache;
+}
+
+alloc::Data BufferCache::acquire(size_t bytes) {
+  alloc::Buffer buffer(nullptr);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it != free_.end()) {
+      buffer = it->second;
+      free_.erase(it);
+      cached_ -= bytes;
+    }
+  }
+  if (buffer.ptr() == nullptr) {
+    buffer = alloc::allocator().malloc(bytes);
+  }
+  return alloc::Data(buffer, [bytes](alloc::Buffer b) {
+    BufferCache::instance().release(b, bytes);
+  });
+}
+
+void BufferCache::release(alloc::Buffer buffer, size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cached_ + bytes <= limit_) {
+      free_.emplace(bytes, buffer);
+      cached_ += bytes;
+      return;
+    }
+  }
+  alloc::allocator().free(buffer);
+}
+
+void BufferCache::reserve(size_t bytes) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MLX_FUSED_ADAFACTOR_BUFFER_CACHE");
+    return !(env && env[0] == '0');
+  }();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (enabled && bytes > limit_) {
+    limit_ = bytes;
+  }
+}
+
+void BufferCache::clear() {
+  std::multimap<size_t, alloc::Buffer> old;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    old.swap(free_);
+    cached_ = 0;
+  }
+  for (auto& [bytes, buffer] : old) {
+    alloc::allocator().free(buffer);
+  }
+}
+
+size_t BufferCache::cached_bytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cached_;
+}
+
+} // namespace mlx_fused_adafactor
