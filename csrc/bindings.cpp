@@ -19,6 +19,8 @@ namespace af = mlx_fused_adafactor;
 #define AF_STR2(x) #x
 #define AF_STR(x) AF_STR2(x)
 
+void bind_metal_plan(nb::module_& m); // bindings_metal.cpp
+
 NB_MODULE(_ext, m) {
   m.doc() = "Fused Adafactor step for MLX (C++ primitive).";
 
@@ -90,6 +92,8 @@ NB_MODULE(_ext, m) {
       "Build the fused step for tensors of one dtype group; returns, per "
       "tensor, the new parameter and state in slot order. With allow_eager, "
       "outside transformations on the CPU, the step runs at once.");
+
+  bind_metal_plan(m);
 
   m.attr("SCALE_PARAMETER") = AF_SCALE_PARAMETER;
   m.attr("RELATIVE_STEP") = AF_RELATIVE_STEP;
