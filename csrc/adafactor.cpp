@@ -140,7 +140,21 @@ std::vector<mx::array> adafactor_step(
     eager = !inputs[i].is_tracer();
   }
   if (eager) {
-    mx::eval(inputs);
+    // Evaluate what is still lazy; wait for what is scheduled.
+    std::vector<mx::array> pending;
+    for (auto& a : inputs) {
+      if (a.status() == mx::array::Status::unscheduled) {
+        pending.push_back(a);
+      }
+    }
+    if (!pending.empty()) {
+      mx::eval(std::move(pending));
+    }
+    for (auto& a : inputs) {
+      if (!a.is_available()) {
+        a.wait();
+      }
+    }
     auto& cache = BufferCache::instance();
     std::vector<mx::array> outputs;
     outputs.reserve(out_shapes.size());

@@ -16,14 +16,12 @@ from ._build import ext as _ext
 from .reference import adafactor_reference
 
 _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-_FACTORED_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col")
-_FLAT_KEYS = ("exp_avg_sq",)
+_ROW, _COL, _SQ = "exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"
+_FACTORED_KEYS = (_ROW, _COL)
+_FLAT_KEYS = (_SQ,)
+_ZERO = mx.array(0.0, mx.float32)
 
 _fallback_warned = False
-
-
-def _path(keys):
-    return ".".join(str(k) for k in keys) if keys else "<root>"
 
 
 def _state_shapes(shape):
@@ -33,19 +31,6 @@ def _state_shapes(shape):
             "exp_avg_sq_col": tuple(shape[:-2]) + tuple(shape[-1:]),
         }
     return {"exp_avg_sq": tuple(shape)}
-
-
-class _Leaf:
-    """One parameter of the step: where it is and what goes in."""
-
-    __slots__ = ("keys", "name", "grad", "param", "state")
-
-    def __init__(self, keys, grad, param, state):
-        self.keys = keys
-        self.name = _path(keys)
-        self.grad = grad
-        self.param = param
-        self.state = state
 
 
 class Adafactor(Optimizer):
@@ -134,99 +119,48 @@ class Adafactor(Optimizer):
         is changed: parameters and optimizer state stay as they were.
         """
         leaves = []
-        _collect(gradients, parameters, self._state, (), leaves)
-        for leaf in leaves:
-            self._check_leaf(leaf)
-        learning_rate = self._check_learning_rate()
-
-        # Nothing has changed so far; from here on nothing can fail on input.
-        if not self._initialized or any(not leaf.state for leaf in leaves):
-            self.init(gradients)
-            for leaf in leaves:
-                leaf.state = _lookup(self._state, leaf.keys)
-        for param, scheduler in self._schedulers.items():
-            self.state[param] = scheduler(self.step)
-        if "learning_rate" in self._schedulers:
-            learning_rate = self.state["learning_rate"]
+        _collect(gradients, parameters, self._state, (), "", leaves)
+        scheduled = {k: fn(self.step) for k, fn in self._schedulers.items()}
+        learning_rate = self._learning_rate(scheduled)
         step = self.step + 1
-        self.state["step"] = step
+        new_params, staged = self._run(step, learning_rate, leaves)
 
-        new_params = self._step(step, learning_rate, leaves)
+        # Nothing has changed so far; commit the step.
+        if not self._initialized or any(leaf[4] is None for leaf in leaves):
+            self.init(gradients)
+        for k, v in scheduled.items():
+            self._state[k] = v
+        self._state["step"] = step
+        for leaf, new_state in zip(leaves, staged):
+            state = leaf[4]
+            if state is None:
+                state = _lookup(self._state, leaf[0])
+            state.update(new_state)
         return _rebuild(gradients, (), new_params)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         """Update one parameter with the current step count; ``state`` is
         updated in place. Provided for code that drives optimizers per
         parameter; :meth:`apply_gradients` fuses all parameters instead."""
-        leaf = _Leaf(("<single>",), gradient, parameter, state)
-        self._check_leaf(leaf)
-        if not state:
-            self.init_single(parameter, state)
-        learning_rate = self._check_learning_rate()
-        return self._step(self.step, learning_rate, [leaf])[leaf.keys]
+        if not isinstance(gradient, mx.array) or not isinstance(parameter, mx.array):
+            raise TypeError("[adafactor] apply_single takes mlx arrays.")
+        leaf = (("<single>",), "<single>", gradient, parameter, state or None)
+        learning_rate = self._learning_rate({})
+        new_params, staged = self._run(self.step, learning_rate, [leaf])
+        state.update(staged[0])
+        return new_params[leaf[0]]
 
-    def _check_learning_rate(self):
+    def _learning_rate(self, scheduled):
         if self.relative_step:
-            return mx.array(0.0, mx.float32)
+            return _ZERO
+        if "learning_rate" in scheduled:
+            return mx.array(scheduled["learning_rate"])
         if "learning_rate" not in self._state:
             raise ValueError(
                 "[adafactor] relative_step=False needs a learning rate, and "
                 "the state has none."
             )
         return mx.array(self._state["learning_rate"])
-
-    def _check_leaf(self, leaf):
-        g, p, name = leaf.grad, leaf.param, leaf.name
-        if not isinstance(g, mx.array):
-            raise TypeError(
-                f"[adafactor] gradient '{name}' is a {type(g).__name__}, "
-                "expected an mlx.core.array."
-            )
-        if not isinstance(p, mx.array):
-            raise ValueError(
-                f"[adafactor] parameter '{name}': the gradient tree has an "
-                f"array where the parameters have a {type(p).__name__}."
-            )
-        if p.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"[adafactor] parameter '{name}' has dtype {p.dtype}; Adafactor "
-                "updates float32, float16 and bfloat16 parameters only."
-            )
-        if g.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"[adafactor] gradient '{name}' has dtype {g.dtype}; expected "
-                "float32, float16 or bfloat16."
-            )
-        if g.shape != p.shape:
-            raise ValueError(
-                f"[adafactor] parameter '{name}': gradient shape {g.shape} "
-                f"does not match parameter shape {p.shape}."
-            )
-        state = leaf.state
-        if not state:
-            return
-        expected = dict(_state_shapes(p.shape))
-        if self.beta_1 is not None:
-            expected["exp_avg"] = tuple(p.shape)
-        for key, shape in expected.items():
-            if key not in state:
-                raise ValueError(
-                    f"[adafactor] parameter '{name}': state has no '{key}' "
-                    f"(it has {sorted(state)}); the state does not fit this "
-                    "parameter or these optimizer options."
-                )
-            arr = state[key]
-            if not isinstance(arr, mx.array) or tuple(arr.shape) != shape:
-                got = getattr(arr, "shape", type(arr).__name__)
-                raise ValueError(
-                    f"[adafactor] parameter '{name}': state '{key}' has shape "
-                    f"{got}, expected {shape}."
-                )
-            if arr.dtype not in _FLOAT_DTYPES:
-                raise ValueError(
-                    f"[adafactor] parameter '{name}': state '{key}' has dtype "
-                    f"{arr.dtype}, expected a float dtype."
-                )
 
     def _hyper(self):
         return dict(
@@ -240,38 +174,68 @@ class Adafactor(Optimizer):
             warmup_init=self.warmup_init,
         )
 
-    def _step(self, step, learning_rate, leaves):
-        """Run the step on validated leaves; write their state, return the
-        new parameters by key path."""
-        momentum = self.beta_1 is not None
-        keys = _FACTORED_KEYS, _FLAT_KEYS
+    def _input_state(self, leaf, keys, dtype):
+        """The state arrays of a leaf in slot order, cast to what the kernel
+        takes (second moment in float32, exp_avg in the parameter dtype).
+        A leaf without state starts from zeros, as init_single would."""
+        state = leaf[4]
+        if state is None:
+            state = {}
+            self.init_single(leaf[3], state)
+        try:
+            arrays = [state[k] for k in keys]
+            if self.beta_1 is not None:
+                arrays.append(state["exp_avg"])
+        except KeyError as e:
+            raise ValueError(
+                f"[adafactor] parameter '{leaf[1]}': state has no {e}; it has "
+                f"{sorted(state)}, which does not fit this parameter or these "
+                "optimizer options."
+            ) from None
+        for i, a in enumerate(arrays):
+            want = dtype if i == len(keys) else mx.float32
+            if not isinstance(a, mx.array):
+                raise ValueError(
+                    f"[adafactor] parameter '{leaf[1]}': state entry is a "
+                    f"{type(a).__name__}, not an mlx array."
+                )
+            if a.dtype != want:
+                arrays[i] = a.astype(want)
+        return arrays
+
+    def _run(self, step, learning_rate, leaves):
+        """Compute the step for validated leaves without changing anything.
+        Returns the new parameters by key path and, per leaf, its new state."""
         device = mx.default_device()
         if device != mx.cpu and not _ext.has_metal_kernels:
-            return self._fallback_step(step, learning_rate, leaves)
+            return self._fallback_run(step, learning_rate, leaves)
 
         groups = {}
-        for leaf in leaves:
-            groups.setdefault((leaf.param.dtype, leaf.grad.dtype), []).append(leaf)
+        for i, leaf in enumerate(leaves):
+            key = (leaf[3].dtype, leaf[2].dtype)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = []
+            group.append(i)
+        momentum = self.beta_1 is not None
         flags = self._flags()
         beta_1 = 0.0 if self.beta_1 is None else float(self.beta_1)
         new_params = {}
-        staged = []
-        for (dtype, _), group in groups.items():
+        staged = [None] * len(leaves)
+        for (p_dtype, g_dtype), members in groups.items():
+            _check_dtypes(p_dtype, g_dtype, leaves[members[0]])
             states = []
-            for leaf in group:
-                st = leaf.state
-                names = keys[0] if leaf.param.ndim >= 2 else keys[1]
-                arrays = [_as(st[k], mx.float32) for k in names]
-                if momentum:
-                    arrays.append(_as(st["exp_avg"], dtype))
-                states.append(arrays)
+            for i in members:
+                leaf = leaves[i]
+                keys = _FACTORED_KEYS if leaf[3].ndim >= 2 else _FLAT_KEYS
+                states.append(self._input_state(leaf, keys, p_dtype))
             outs = _ext.adafactor_step(
                 step,
                 learning_rate,
-                [leaf.param for leaf in group],
-                [leaf.grad for leaf in group],
+                [leaves[i][3] for i in members],
+                [leaves[i][2] for i in members],
                 states,
-                [leaf.name for leaf in group],
+                [leaves[i][1] for i in members],
                 self.eps[0],
                 self.eps[1],
                 self.clip_threshold,
@@ -281,20 +245,21 @@ class Adafactor(Optimizer):
                 self.weight_decay,
                 flags,
             )
-            i = 0
-            for leaf in group:
-                names = keys[0] if leaf.param.ndim >= 2 else keys[1]
-                new_params[leaf.keys] = outs[i]
-                i += 1
-                new_state = dict(zip(names, outs[i : i + len(names)]))
-                i += len(names)
+            k = 0
+            for i in members:
+                leaf = leaves[i]
+                new_params[leaf[0]] = outs[k]
+                if leaf[3].ndim >= 2:
+                    new_state = {_ROW: outs[k + 1], _COL: outs[k + 2]}
+                    k += 3
+                else:
+                    new_state = {_SQ: outs[k + 1]}
+                    k += 2
                 if momentum:
-                    new_state["exp_avg"] = outs[i]
-                    i += 1
-                staged.append((leaf.state, new_state))
-        for state, new_state in staged:
-            state.update(new_state)
-        return new_params
+                    new_state["exp_avg"] = outs[k]
+                    k += 1
+                staged[i] = new_state
+        return new_params, staged
 
     def _flags(self):
         flags = 0
@@ -310,7 +275,7 @@ class Adafactor(Optimizer):
             flags |= _ext.WEIGHT_DECAY
         return flags
 
-    def _fallback_step(self, step, learning_rate, leaves):
+    def _fallback_run(self, step, learning_rate, leaves):
         global _fallback_warned
         if not _fallback_warned:
             _fallback_warned = True
@@ -325,12 +290,23 @@ class Adafactor(Optimizer):
         new_params = {}
         staged = []
         for leaf in leaves:
-            p, st = fn(step, learning_rate, leaf.param, leaf.grad, dict(leaf.state))
-            new_params[leaf.keys] = p
-            staged.append((leaf.state, st))
-        for state, new_state in staged:
-            state.update(new_state)
-        return new_params
+            _check_dtypes(leaf[3].dtype, leaf[2].dtype, leaf)
+            if leaf[2].shape != leaf[3].shape:
+                raise ValueError(
+                    f"[adafactor] parameter '{leaf[1]}': gradient shape "
+                    f"{leaf[2].shape} does not match parameter shape "
+                    f"{leaf[3].shape}."
+                )
+            keys = _FACTORED_KEYS if leaf[3].ndim >= 2 else _FLAT_KEYS
+            arrays = self._input_state(leaf, keys, leaf[3].dtype)
+            state = dict(zip(keys, arrays))
+            if self.beta_1 is not None:
+                state["exp_avg"] = arrays[-1]
+            _check_state_shapes(leaf, state)
+            p, st = fn(step, learning_rate, leaf[3], leaf[2], state)
+            new_params[leaf[0]] = p
+            staged.append(st)
+        return new_params, staged
 
 
 _compiled_cache = {}
@@ -390,46 +366,91 @@ def _check_hyper(
         )
 
 
-def _collect(grads, params, state, keys, out):
+def _collect(grads, params, state, keys, name, out):
     """Walk the gradient tree with the parameter and state trees beside it,
-    validating their structure, and append a _Leaf per gradient array."""
-    if isinstance(grads, dict):
+    validating their structure; append (keys, name, grad, param, state) per
+    gradient array, state being the parameter's state dict or None."""
+    if isinstance(grads, mx.array):
+        if not isinstance(params, mx.array):
+            raise ValueError(
+                f"[adafactor] parameter '{name or '<root>'}': the gradient is "
+                f"an array where the parameters have a {type(params).__name__}."
+            )
+        out.append((keys, name, grads, params, state or None))
+    elif isinstance(grads, dict):
         if not isinstance(params, dict):
             raise ValueError(
-                f"[adafactor] parameter '{_path(keys)}': the gradients have a "
-                f"dict where the parameters have a {type(params).__name__}."
+                f"[adafactor] parameter '{name or '<root>'}': the gradients "
+                f"have a dict where the parameters have a "
+                f"{type(params).__name__}."
             )
+        if not isinstance(state, dict):
+            state = {}
+        prefix = name + "." if name else ""
         for k, g in grads.items():
             if k not in params:
                 raise ValueError(
-                    f"[adafactor] parameter '{_path(keys + (k,))}': there is a "
-                    "gradient but no such parameter."
+                    f"[adafactor] parameter '{prefix}{k}': there is a gradient "
+                    "but no such parameter."
                 )
-            sub = state.get(k) if isinstance(state, dict) else None
-            _collect(g, params[k], sub, keys + (k,), out)
+            sub = state.get(k)
+            if isinstance(g, mx.array) and sub is not None:
+                if not isinstance(sub, dict) or any(
+                    isinstance(v, (dict, list, tuple)) for v in sub.values()
+                ):
+                    raise ValueError(
+                        f"[adafactor] parameter '{prefix}{k}': the optimizer "
+                        "state holds a subtree here, not the state of one "
+                        "parameter."
+                    )
+            _collect(g, params[k], sub, keys + (k,), f"{prefix}{k}", out)
     elif isinstance(grads, (list, tuple)):
         if not isinstance(params, (list, tuple)) or len(params) < len(grads):
-            raise ValueError(
-                f"[adafactor] parameter '{_path(keys)}': the gradients have a "
-                f"list of {len(grads)} where the parameters have "
-                f"{len(params) if isinstance(params, (list, tuple)) else type(params).__name__}."
+            what = (
+                f"{len(params)} entries"
+                if isinstance(params, (list, tuple))
+                else f"a {type(params).__name__}"
             )
+            raise ValueError(
+                f"[adafactor] parameter '{name or '<root>'}': the gradients "
+                f"have a list of {len(grads)} where the parameters have {what}."
+            )
+        if not isinstance(state, (list, tuple)):
+            state = ()
+        prefix = name + "." if name else ""
         for i, g in enumerate(grads):
-            sub = (
-                state[i]
-                if isinstance(state, (list, tuple)) and i < len(state)
-                else None
-            )
-            _collect(g, params[i], sub, keys + (i,), out)
+            sub = state[i] if i < len(state) else None
+            _collect(g, params[i], sub, keys + (i,), f"{prefix}{i}", out)
     else:
-        if isinstance(state, dict) and any(
-            isinstance(v, (dict, list, tuple)) for v in state.values()
-        ):
+        raise TypeError(
+            f"[adafactor] gradient '{name or '<root>'}' is a "
+            f"{type(grads).__name__}, expected an mlx.core.array."
+        )
+
+
+def _check_dtypes(p_dtype, g_dtype, leaf):
+    if p_dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"[adafactor] parameter '{leaf[1]}' has dtype {p_dtype}; Adafactor "
+            "updates float32, float16 and bfloat16 parameters only."
+        )
+    if g_dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"[adafactor] gradient '{leaf[1]}' has dtype {g_dtype}; expected "
+            "float32, float16 or bfloat16."
+        )
+
+
+def _check_state_shapes(leaf, state):
+    shapes = dict(_state_shapes(leaf[3].shape))
+    if "exp_avg" in state:
+        shapes["exp_avg"] = tuple(leaf[3].shape)
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
             raise ValueError(
-                f"[adafactor] parameter '{_path(keys)}': the optimizer state "
-                "holds a subtree here, not the state of one parameter."
+                f"[adafactor] parameter '{leaf[1]}': state '{key}' has shape "
+                f"{tuple(state[key].shape)}, expected {shape}."
             )
-        out.append(_Leaf(keys, grads, params, state if isinstance(state, dict) else None))
 
 
 def _lookup(tree, keys):
