@@ -1,0 +1,317 @@
+"""float32 parity of the fused optimizer with mlx.optimizers.Adafactor.
+
+Every test runs the same gradients through stock, through the fused eager
+path (NOTE [eager step]) and through the fused lazy primitive (the optimizer
+under mx.compile), and compares params and every state entry after several
+steps. Eager and lazy run the same CPU code with the same tiles, so they must
+agree bitwise with each other.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+
+from common import (
+    assert_close_to_max,
+    assert_trees_close,
+    assert_trees_equal,
+    flat,
+    grad_seq,
+    make,
+    max_abs,
+    max_err,
+    rand,
+    run,
+    to64,
+)
+from reference64 import run64
+
+# Tolerances, relative to max|x| of the expected array (params and each state
+# entry), after STEPS steps.
+#   STOCK: fused vs stock where stock's float32 reductions are accurate
+#          (the issue's 1e-5 contract).
+#   LOOSE: fused vs stock on the large shapes, where stock's mx.mean over
+#          ~1e5 elements drifts by up to ~5e-5 relative (so does lr, and
+#          exp_avg which scales with it); at 4.2M elements (1031, 4097)
+#          stock's exp_avg is 1.3e-4 of max|x| off float64 while the fused
+#          one is 3.5e-7. There the float64 oracle decides: the fused error
+#          must not exceed stock's plus SLACK.
+#   SLACK: two float32 ulps at max|x|, for elements where both are exact to
+#          rounding and the comparison is a coin toss.
+TOL = {"float32": {"STOCK": 1e-5, "LOOSE": 5e-4, "SLACK": 2.0**-22}}
+STEPS = 25
+
+# Sizes around the issue's edges and the CPU tiling (AF_CPU_COL_BLOCK=4096
+# columns, AF_CPU_TILE=65536 elements, AF_CPU_MAX_ROW_BLOCKS=64).
+ACCURATE_SHAPES = [
+    (),
+    (1,),
+    (31,),
+    (32,),
+    (33,),
+    (4099,),
+    (1, 1),
+    (1, 33),
+    (33, 1),
+    (31, 32),
+    (32, 33),
+    (1, 4099),
+    (4099, 1),
+    (2, 3, 5),
+    (2, 3, 4, 5),
+    (3, 1, 33),
+]
+# Stock's float32 means drift here; the float64 oracle decides. (1031, 4097)
+# crosses the 64 row-block cap and a 1-column tail block (4.2M elements, so
+# only a few steps).
+LARGE_SHAPES = [
+    ((70000,), STEPS),
+    ((3, 4099), STEPS),
+    ((2000, 40), 10),
+    ((300, 700), 10),
+    ((1031, 4097), 2),
+]
+EMPTY_SHAPES = [(0,), (0, 5), (5, 0), (2, 0, 3), (3, 0)]
+
+OPTIONS = {
+    "default": {},
+    "beta_1=0.9": {"beta_1": 0.9},
+    "beta_1=0": {"beta_1": 0.0},
+    "weight_decay": {"weight_decay": 0.1},
+    "no_scale": {"scale_parameter": False},
+    "lr": {"relative_step": False, "learning_rate": 1e-2},
+    "lr_no_scale_all": {
+        "relative_step": False,
+        "learning_rate": 3e-3,
+        "scale_parameter": False,
+        "beta_1": 0.8,
+        "weight_decay": 0.05,
+    },
+    "warmup_init": {"warmup_init": True},
+    "clip_0.5": {"clip_threshold": 0.5},
+    "clip_100": {"clip_threshold": 100.0},
+    "decay_-0.5": {"decay_rate": -0.5},
+    "decay_-0.997": {"decay_rate": -0.997},
+    "eps_big": {"eps": (1e-2, 2.0)},
+    "eps_zero": {"eps": (0.0, 0.0)},
+    "cosine_schedule": {
+        "relative_step": False,
+        "learning_rate": optim.cosine_decay(1e-2, 20, 1e-4),
+    },
+    "warmup_schedule": {
+        "relative_step": False,
+        "beta_1": 0.9,
+        "learning_rate": optim.join_schedules(
+            [optim.linear_schedule(0.0, 1e-2, 5), optim.exponential_decay(1e-2, 0.9)],
+            [5],
+        ),
+    },
+    "warmup_init_no_scale": {"warmup_init": True, "scale_parameter": False},
+}
+
+TREE_SHAPES = {
+    "w": (31, 33),
+    "b": (33,),
+    "s": (),
+    "conv": (2, 3, 5),
+    "blocks": [{"w": (4, 1)}, {"w": (1, 7), "b": (1,)}],
+}
+
+
+def tree_of(shapes, fn):
+    if isinstance(shapes, dict):
+        return {k: tree_of(v, fn) for k, v in shapes.items()}
+    if isinstance(shapes, list):
+        return [tree_of(v, fn) for v in shapes]
+    return fn(shapes)
+
+
+def three_runs(options, params, grads):
+    """Stock, fused eager and fused compiled, each from the same start."""
+    out = {}
+    for name, kind, compiled in (
+        ("stock", "stock", False),
+        ("eager", "fused", False),
+        ("lazy", "fused", True),
+    ):
+        opt = make(kind, **options)
+        p = run(opt, params, grads, compiled=compiled)
+        out[name] = (p, opt.state)
+    return out
+
+
+def check_fused_paths(out, tol, what):
+    # The two fused paths share their code and tiles: bitwise equal.
+    assert_trees_equal(out["eager"], out["lazy"], f"{what} eager vs lazy")
+    for path in ("eager", "lazy"):
+        assert_trees_close(out[path], out["stock"], tol, f"{what} {path}")
+
+
+@pytest.mark.parametrize("shape", ACCURATE_SHAPES, ids=str)
+def test_shapes_match_stock(shape):
+    params = {"p": rand(shape, 1)}
+    grads = [{"p": g} for g in grad_seq(shape, STEPS, 2)]
+    out = three_runs({}, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], str(shape))
+
+
+@pytest.mark.parametrize("shape", [(33,), (31, 32), (2, 3, 5)], ids=str)
+def test_shapes_match_stock_with_momentum_and_decay(shape):
+    options = {"beta_1": 0.9, "weight_decay": 0.01}
+    params = {"p": rand(shape, 3)}
+    grads = [{"p": g} for g in grad_seq(shape, STEPS, 4)]
+    out = three_runs(options, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], str(shape))
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_match_stock(name):
+    options = OPTIONS[name]
+    counter = iter(range(1000))
+    params = tree_of(TREE_SHAPES, lambda s: rand(s, 100 + next(counter)))
+    seqs = tree_of(TREE_SHAPES, lambda s: grad_seq(s, STEPS, 200 + next(counter)))
+    grads = [tree_of_index(seqs, i) for i in range(STEPS)]
+    out = three_runs(options, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], name)
+    # The state tree is the stock one, learning_rate included.
+    assert sorted(flat(out["eager"][1])) == sorted(flat(out["stock"][1]))
+
+
+def tree_of_index(seqs, i):
+    if isinstance(seqs, dict):
+        return {k: tree_of_index(v, i) for k, v in seqs.items()}
+    if isinstance(seqs, list) and seqs and isinstance(seqs[0], (dict, list)):
+        return [tree_of_index(v, i) for v in seqs]
+    return seqs[i]
+
+
+@pytest.mark.parametrize("shape,steps", LARGE_SHAPES, ids=lambda x: str(x))
+def test_large_shapes_no_worse_than_stock(shape, steps):
+    options = {"beta_1": 0.9} if len(shape) == 2 else {}
+    p0 = rand(shape, 5)
+    gs = grad_seq(shape, steps, 6)
+    out = three_runs(options, {"p": p0}, [{"p": g} for g in gs])
+    assert_trees_equal(out["eager"], out["lazy"], "eager vs lazy")
+
+    p64, s64 = run64(to64(p0), [to64(g) for g in gs], **options)
+    ref = {"p": p64, **s64}
+    tol = TOL["float32"]
+    for path in ("eager", "lazy"):
+        got = flat({"p": out[path][0]["p"], **out[path][1]["p"]})
+        stock = flat({"p": out["stock"][0]["p"], **out["stock"][1]["p"]})
+        for key, expected in ref.items():
+            scale = max_abs(expected)
+            err_fused = max_err(got[key], expected)
+            err_stock = max_err(stock[key], expected)
+            assert err_fused <= err_stock + tol["SLACK"] * scale, (
+                f"{path} {key}: fused error {err_fused:.3g} > stock error "
+                f"{err_stock:.3g} against float64"
+            )
+            assert_close_to_max(got[key], stock[key], tol["LOOSE"], f"{path} {key}")
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_tensors_match_stock(shape):
+    # Stock's mean over an empty axis is NaN; the fused path keeps that.
+    params = {"e": mx.zeros(shape), "w": rand((3, 4), 7)}
+    grads = [{"e": mx.ones(shape), "w": g} for g in grad_seq((3, 4), 5, 8)]
+    out = three_runs({"beta_1": 0.5}, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], str(shape))
+
+
+def noncontiguous_inputs():
+    """Parameters and gradients that are not row-contiguous: transposes,
+    strided slices, and a broadcast (stride 0) gradient."""
+    base_p = rand((33, 40), 9)
+    base_p1 = rand((70,), 10)
+    p = {"t": base_p.T, "s": base_p1[::2], "b": rand((5, 33), 11)[:, 1:]}
+    grads = []
+    for i, g in enumerate(grad_seq((33, 40), 6, 12)):
+        g1 = rand((70,), 300 + i)
+        grads.append(
+            {
+                "t": g.T,
+                "s": g1[1::2],
+                "b": mx.broadcast_to(rand((1, 32), 400 + i), (5, 32)),
+            }
+        )
+    return p, grads
+
+
+def test_noncontiguous_inputs_match_stock():
+    params, grads = noncontiguous_inputs()
+    out = three_runs({"beta_1": 0.9}, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], "non-contiguous")
+
+
+def test_many_tensors_one_step_match_stock():
+    # Enough tensors and elements for the threaded path, fused in one
+    # primitive: every one must match its own stock update.
+    shapes = [(17, 3), (4099,), (64, 1100), (1,), (5, 4, 3), (70000,), (2, 4097)]
+    params = {f"t{i}": rand(s, 20 + i) for i, s in enumerate(shapes)}
+    seqs = {f"t{i}": grad_seq(s, 4, 40 + i) for i, s in enumerate(shapes)}
+    grads = [{k: v[j] for k, v in seqs.items()} for j in range(4)]
+    out = three_runs({}, params, grads)
+    assert_trees_equal(out["eager"], out["lazy"], "eager vs lazy")
+    # (64, 1100) and (70000,) are in stock's drift range; LOOSE here, the
+    # single-tensor tests hold the tight bound.
+    assert_trees_close(out["eager"], out["stock"], TOL["float32"]["LOOSE"], "many")
+
+
+def test_step_count_continues_from_loaded_state():
+    # Late steps: beta_2 close to 1 and rsqrt(step) below 1e-2.
+    params = {"w": rand((8, 9), 13), "b": rand((9,), 14)}
+    grads = [{"w": g, "b": h} for g, h in zip(grad_seq((8, 9), 6, 15), grad_seq((9,), 6, 16))]
+    out = {}
+    for kind in ("stock", "fused"):
+        opt = make(kind, beta_1=0.9)
+        opt.init(params)
+        opt.state["step"] = mx.array(5000, mx.uint64)
+        p = run(opt, params, grads)
+        out[kind] = (p, opt.state)
+    assert int(out["fused"][1]["step"].item()) == 5006
+    assert_trees_close(out["fused"], out["stock"], TOL["float32"]["STOCK"], "late")
+
+
+def test_lazy_primitive_direct_matches_eager():
+    """_ext.adafactor_step with allow_eager=False (the lazy primitive outside
+    any transformation) gives bitwise the eager results."""
+    from mlx_fused_adafactor import _ext
+
+    shapes = [(31, 33), (33,), (2, 3, 5), (), (3, 4099)]
+    ps = [rand(s, 50 + i) for i, s in enumerate(shapes)]
+    gs = [grad_seq(s, 1, 60 + i)[0] for i, s in enumerate(shapes)]
+    states = []
+    for p in ps:
+        if p.ndim >= 2:
+            st = [mx.abs(rand(p.shape[:-1], 70)), mx.abs(rand(p.shape[:-2] + p.shape[-1:], 71))]
+        else:
+            st = [mx.abs(rand(p.shape, 72))]
+        states.append(st + [rand(p.shape, 73)])
+    names = [f"t{i}" for i in range(len(shapes))]
+    flags = _ext.SCALE_PARAMETER | _ext.RELATIVE_STEP | _ext.MOMENTUM | _ext.WEIGHT_DECAY
+    args = (
+        mx.array(7, mx.uint64), mx.array(0.0), ps, gs, states, names,
+        1e-30, 1e-3, 1.0, -0.8, 0.9, 1.0 - 0.9, 0.01, flags,
+    )
+    lazy = _ext.adafactor_step(*args, allow_eager=False)
+    eager = _ext.adafactor_step(*args, allow_eager=True)
+    mx.eval(lazy)
+    assert len(lazy) == len(eager) == sum(2 + (p.ndim >= 2) + 1 for p in ps)
+    assert_trees_equal(lazy, eager, "direct")
+    # And both are stock's step 7 from this state.
+    opt = optim.Adafactor(beta_1=0.9, weight_decay=0.01)
+    opt.state["step"] = mx.array(7, mx.uint64)
+    i = 0
+    for p, g, st in zip(ps, gs, states):
+        keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if p.ndim >= 2 else ["exp_avg_sq"]
+        state = dict(zip(keys + ["exp_avg"], st))
+        new_p = opt.apply_single(g, p, state)
+        for expected in [new_p] + [state[k] for k in keys + ["exp_avg"]]:
+            got = lazy[i]
+            tol = TOL["float32"]["LOOSE" if p.size > 10000 else "STOCK"]
+            assert_close_to_max(to64(got), to64(expected), tol, f"direct slot {i}")
+            i += 1
