@@ -6,9 +6,17 @@
 
 from ._build import ext as _ext
 from .optimizer import Adafactor
+from .patch import is_patched, patch_mlx, unpatch_mlx
 from .reference import adafactor_reference
 
 __version__ = "0.1.0"
 MLX_BUILD_VERSION = _ext.mlx_build_version
 
-__all__ = ["Adafactor", "adafactor_reference", "MLX_BUILD_VERSION"]
+__all__ = [
+    "Adafactor",
+    "adafactor_reference",
+    "MLX_BUILD_VERSION",
+    "patch_mlx",
+    "unpatch_mlx",
+    "is_patched",
+]
