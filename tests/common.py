@@ -5,11 +5,23 @@ snapshots for the nothing-half-updated checks."""
 from functools import partial
 
 import mlx.core as mx
-import mlx.optimizers as optim
+import mlx.optimizers.optimizers as _stock_module
 import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_fused_adafactor import Adafactor
+
+
+def _stock_class():
+    # mlx_fused_adafactor.patch_mlx() may have replaced the module attribute;
+    # the stock class is the Optimizer subclass defined in mlx itself.
+    for cls in _stock_module.Optimizer.__subclasses__():
+        if cls.__name__ == "Adafactor" and cls.__module__ == _stock_module.__name__:
+            return cls
+    raise RuntimeError("stock mlx.optimizers.Adafactor not found")
+
+
+StockAdafactor = _stock_class()
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -43,7 +55,7 @@ def grad_seq(shape, n, seed, dtype=mx.float32):
 
 def make(kind, **kwargs):
     """A stock or a fused Adafactor with the given constructor options."""
-    cls = optim.Adafactor if kind == "stock" else Adafactor
+    cls = StockAdafactor if kind == "stock" else Adafactor
     return cls(**kwargs)
 
 

@@ -94,11 +94,17 @@ def step64(t, lr, p, g, state, **options):
         return p - update, new
 
 
-def run64(p0, grads, lrs=None, state=None, t0=0, **options):
+def run64(p0, grads, lrs=None, state=None, t0=0, round_fn=None, peak=None, **options):
     """Run ``len(grads)`` steps from ``p0`` (and ``state``, stock zeros by
     default) starting after step ``t0``; ``lrs[i]`` is the learning rate of
-    step i. Returns the final parameter and state."""
+    step i. With ``round_fn``, the parameter and ``exp_avg`` are passed
+    through it after every step (the storage rounding of the fused
+    contract). With a dict ``peak``, it receives the elementwise maximum of
+    |p| and |exp_avg| over the run (start included). Returns the final
+    parameter and state."""
     p = np.asarray(p0, np.float64)
+    if peak is not None:
+        peak["p"] = np.abs(p)
     if state is None:
         state = init_state64(p.shape, options.get("beta_1"))
     else:
@@ -106,4 +112,12 @@ def run64(p0, grads, lrs=None, state=None, t0=0, **options):
     for i, g in enumerate(grads):
         lr = None if lrs is None else lrs[i]
         p, state = step64(t0 + i + 1, lr, p, g, state, **options)
+        if round_fn is not None:
+            p = round_fn(p)
+            if "exp_avg" in state:
+                state["exp_avg"] = round_fn(state["exp_avg"])
+        if peak is not None:
+            for key, value in (("p", p), ("exp_avg", state.get("exp_avg"))):
+                if value is not None:
+                    peak[key] = np.maximum(peak.get(key, np.abs(value)), np.abs(value))
     return p, state
