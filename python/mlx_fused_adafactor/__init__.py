@@ -5,6 +5,7 @@
 """
 
 from ._build import ext as _ext
+from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from .optimizer import Adafactor
 from .patch import is_patched, patch_mlx, unpatch_mlx
 from .reference import adafactor_reference
@@ -19,4 +20,7 @@ __all__ = [
     "patch_mlx",
     "unpatch_mlx",
     "is_patched",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_optimizer_state",
 ]

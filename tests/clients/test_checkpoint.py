@@ -1,0 +1,269 @@
+"""Checkpoint and resume through safetensors.
+
+A run interrupted by save/load into fresh objects must be bitwise identical
+to the uninterrupted run; a stock Adafactor checkpoint loads and continues;
+a truncated or mismatched file raises naming the path and changes nothing.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_fused_adafactor import (
+    Adafactor,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
+
+STEPS = 10
+SPLIT = 4
+# Fused vs stock in float32: same math, different operation order.
+FP32_ATOL = 1e-5
+
+
+class Net(nn.Module):
+    def __init__(self, width=16):
+        super().__init__()
+        self.layers = [nn.Linear(8, width), nn.Linear(width, width)]
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 4, bias=False)
+        self.kind = "mlp"
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = nn.gelu(layer(x))
+        return self.head(self.norm(x))
+
+
+def make_net(seed, width=16, dtype=mx.float32):
+    mx.random.seed(seed)
+    net = Net(width)
+    net.set_dtype(dtype)
+    mx.eval(net.parameters())
+    return net
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        x = rng.standard_normal((32, 8)).astype(np.float32)
+        y = rng.standard_normal((32, 4)).astype(np.float32)
+        yield mx.array(x), mx.array(y)
+
+
+def loss_fn(net, x, y):
+    return nn.losses.mse_loss(net(x.astype(net.head.weight.dtype)), y.astype(mx.float32))
+
+
+def train(net, opt, data, compiled):
+    value_and_grad = nn.value_and_grad(net, loss_fn)
+
+    def step(x, y):
+        loss, grads = value_and_grad(net, x, y)
+        opt.update(net, grads)
+        return loss
+
+    if compiled:
+        state = [net.state, opt.state]
+        step = mx.compile(step, inputs=state, outputs=state)
+    for x, y in data:
+        step(x, y)
+        mx.eval(net.parameters(), opt.state)
+
+
+def to_numpy(v):
+    # NumPy has no bfloat16; widening to float32 is exact.
+    return np.array(v.astype(mx.float32) if v.dtype == mx.bfloat16 else v)
+
+
+def snapshot(net, opt):
+    out = {"model." + k: to_numpy(v) for k, v in tree_flatten(net.parameters())}
+    out.update(("optimizer." + k, to_numpy(v)) for k, v in tree_flatten(opt.state))
+    return out
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert a[k].dtype == b[k].dtype, k
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
+
+
+def split_data():
+    data = list(batches())
+    return data[:SPLIT], data[SPLIT:]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("beta_1", [None, 0.9], ids=["no_momentum", "momentum"])
+def test_resume_is_bitwise(tmp_path, compiled, beta_1):
+    def optimizer():
+        return Adafactor(beta_1=beta_1, weight_decay=0.01)
+
+    net, opt = make_net(0), optimizer()
+    train(net, opt, batches(), compiled)
+    expected = snapshot(net, opt)
+
+    first, second = split_data()
+    net, opt = make_net(0), optimizer()
+    train(net, opt, first, compiled)
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, net, opt)
+
+    net, opt = make_net(123), optimizer()
+    meta = load_checkpoint(path, net, opt)
+    assert meta["optimizer"].endswith("Adafactor")
+    assert opt.state["step"].dtype == mx.uint64
+    assert opt.state["step"].item() == SPLIT
+    train(net, opt, second, compiled)
+    assert_same(snapshot(net, opt), expected)
+
+
+def test_step_zero_checkpoint(tmp_path):
+    net, opt = make_net(0), Adafactor()
+    save_checkpoint(tmp_path / "c.safetensors", net, opt)
+    net2, opt2 = make_net(5), Adafactor()
+    load_checkpoint(tmp_path / "c.safetensors", net2, opt2)
+    train(net, opt, batches(), False)
+    train(net2, opt2, batches(), False)
+    assert_same(snapshot(net2, opt2), snapshot(net, opt))
+
+
+def test_stock_checkpoint_continues_in_float32(tmp_path):
+    net, opt = make_net(0), mlx.optimizers.Adafactor()
+    train(net, opt, batches(), False)
+    expected = snapshot(net, opt)
+
+    first, second = split_data()
+    net, opt = make_net(0), mlx.optimizers.Adafactor()
+    train(net, opt, first, False)
+    save_checkpoint(tmp_path / "stock.safetensors", net, opt)
+    # The plain format of the MLX docs, written by stock code.
+    mx.save_safetensors(str(tmp_path / "opt.safetensors"), dict(tree_flatten(opt.state)))
+    net.save_weights(str(tmp_path / "weights.safetensors"))
+
+    fused_net, fused = make_net(7), Adafactor()
+    load_checkpoint(tmp_path / "stock.safetensors", fused_net, fused)
+    train(fused_net, fused, second, False)
+    assert_same(snapshot(fused_net, fused), expected, atol=FP32_ATOL)
+
+    plain_net, plain = make_net(7), Adafactor()
+    plain_net.load_weights(str(tmp_path / "weights.safetensors"))
+    load_optimizer_state(tmp_path / "opt.safetensors", plain_net, plain)
+    assert plain.state["step"].dtype == mx.uint64
+    train(plain_net, plain, second, False)
+    assert_same(snapshot(plain_net, plain), snapshot(fused_net, fused))
+
+
+def test_stock_bfloat16_checkpoint_is_cast_to_float32_state(tmp_path):
+    first, second = split_data()
+    net, opt = make_net(0, dtype=mx.bfloat16), mlx.optimizers.Adafactor()
+    train(net, opt, first, False)
+    assert opt.state["head"]["weight"]["exp_avg_sq_row"].dtype == mx.bfloat16
+    save_checkpoint(tmp_path / "stock.safetensors", net, opt)
+
+    fused_net, fused = make_net(1, dtype=mx.bfloat16), Adafactor()
+    load_checkpoint(tmp_path / "stock.safetensors", fused_net, fused)
+    row = fused.state["head"]["weight"]["exp_avg_sq_row"]
+    assert row.dtype == mx.float32
+    np.testing.assert_array_equal(
+        np.array(row), to_numpy(opt.state["head"]["weight"]["exp_avg_sq_row"])
+    )
+    train(fused_net, fused, second, False)
+    assert fused.state["step"].item() == STEPS
+    assert fused_net.head.weight.dtype == mx.bfloat16
+    for k, v in snapshot(fused_net, fused).items():
+        assert np.isfinite(v).all(), k
+
+    # And back: a fused checkpoint loads into stock with the stock layout.
+    save_checkpoint(tmp_path / "fused.safetensors", fused_net, fused)
+    stock_net, stock = make_net(2, dtype=mx.bfloat16), mlx.optimizers.Adafactor()
+    load_checkpoint(tmp_path / "fused.safetensors", stock_net, stock)
+    assert stock.state["head"]["weight"]["exp_avg_sq_row"].dtype == mx.bfloat16
+
+
+def trained(tmp_path, **kw):
+    net, opt = make_net(0), Adafactor(**kw)
+    train(net, opt, split_data()[0], False)
+    path = tmp_path / "good.safetensors"
+    save_checkpoint(path, net, opt)
+    return path
+
+
+def fresh_pair(width=16, **kw):
+    net, opt = make_net(9, width=width), Adafactor(**kw)
+    train(net, opt, split_data()[0][:2], False)
+    return net, opt
+
+
+def assert_unchanged(net, opt, before):
+    assert_same(snapshot(net, opt), before)
+
+
+def rewrite(path, out, edit):
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    edit(arrays)
+    mx.save_safetensors(str(out), arrays, metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("truncated", "could not be read"),
+        ("empty", "could not be read"),
+        ("wider_model", r"model parameter 'layers\.0\.weight' has shape"),
+        ("momentum_missing", r"parameter 'layers\.0\.weight' has no optimizer state 'exp_avg'"),
+        ("row_shape", r"parameter 'layers\.1\.weight': optimizer state 'exp_avg_sq_row' has shape"),
+        ("missing_entry", r"parameter 'norm\.bias' has no optimizer state 'exp_avg_sq'"),
+        ("extra_param", r"optimizer state 'extra\.weight\.exp_avg_sq', which fits no"),
+        ("no_step", "has no 'step'"),
+        ("not_a_checkpoint", "is not a"),
+    ],
+)
+def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, case, match):
+    good = trained(tmp_path)
+    width, kw = 16, {}
+    if case == "truncated":
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(good.read_bytes()[:-100])
+    elif case == "empty":
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(b"")
+    elif case == "wider_model":
+        path, width = good, 32
+    elif case == "momentum_missing":
+        path, kw = good, {"beta_1": 0.9}
+    elif case == "row_shape":
+        def edit(a):
+            a["optimizer.layers.1.weight.exp_avg_sq_row"] = mx.zeros((3,))
+        path = rewrite(good, tmp_path / "bad.safetensors", edit)
+    elif case == "missing_entry":
+        path = rewrite(good, tmp_path / "bad.safetensors", lambda a: a.pop("optimizer.norm.bias.exp_avg_sq"))
+    elif case == "extra_param":
+        def edit(a):
+            a["optimizer.extra.weight.exp_avg_sq"] = mx.zeros((4,))
+        path = rewrite(good, tmp_path / "bad.safetensors", edit)
+    elif case == "no_step":
+        path = rewrite(good, tmp_path / "bad.safetensors", lambda a: a.pop("optimizer.step"))
+    elif case == "not_a_checkpoint":
+        path = tmp_path / "plain.safetensors"
+        mx.save_safetensors(str(path), {"step": mx.array(1, mx.uint64)})
+
+    net, opt = fresh_pair(width, **kw)
+    before = snapshot(net, opt)
+    state_before = opt.state
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path, net, opt)
+    assert opt.state is state_before
+    assert_unchanged(net, opt, before)
+    # The optimizer still steps where it was.
+    train(net, opt, split_data()[1][:1], False)
+    assert opt.state["step"].item() == 3
