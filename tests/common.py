@@ -30,6 +30,9 @@ def to64(x):
     """An mx.array (any float dtype) as a float64 numpy array."""
     if x.dtype in (mx.bfloat16, mx.float16):
         x = x.astype(mx.float32)
+    if x.dtype == mx.complex64:
+        # (real, imag) pairs, for the unchanged-state checks.
+        return np.array(x).view(np.float32).astype(np.float64)
     return np.array(x).astype(np.float64)
 
 
