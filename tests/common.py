@@ -127,9 +127,10 @@ def assert_trees_close(actual, expected, tol, what=""):
 
 def assert_trees_equal(actual, expected, what=""):
     """Bitwise equality (NaN-equal), same dtypes."""
-    la, le = tree_flatten(actual), tree_flatten(expected)
-    assert [k for k, _ in la] == [k for k, _ in le], what
-    for (k, a), (_, e) in zip(la, le):
+    la, le = dict(tree_flatten(actual)), dict(tree_flatten(expected))
+    assert sorted(la) == sorted(le), (what, sorted(la), sorted(le))
+    for k, e in le.items():
+        a = la[k]
         assert a.dtype == e.dtype and a.shape == e.shape, (what, k)
         na = np.array(a.view(mx.uint16) if a.itemsize == 2 else a)
         ne = np.array(e.view(mx.uint16) if e.itemsize == 2 else e)
