@@ -36,6 +36,18 @@ def to64(x):
     return np.array(x).astype(np.float64)
 
 
+# Mantissa bits (with the implicit one) and smallest normal exponent.
+MANTISSA = {"bfloat16": 8, "float16": 11, "float32": 24}
+MIN_EXP = {"bfloat16": -126, "float16": -14, "float32": -126}
+
+
+def ulp(x, dtype_name):
+    """Spacing of the dtype at |x| (elementwise, numpy float64)."""
+    x = np.abs(np.asarray(x, np.float64))
+    e = np.floor(np.log2(np.maximum(x, 2.0 ** MIN_EXP[dtype_name])))
+    return 2.0 ** (e - (MANTISSA[dtype_name] - 1))
+
+
 def rand(shape, seed, dtype=mx.float32, scale=1.0):
     x = scale * mx.random.normal(shape, key=mx.random.key(seed))
     return x.astype(dtype)

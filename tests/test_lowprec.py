@@ -26,13 +26,11 @@ from common import (
     rand,
     run,
     to64,
+    ulp,
 )
 from mlx_fused_adafactor import Adafactor
 from reference64 import run64, step64
 
-# Mantissa bits (with the implicit one) and smallest normal exponent.
-MANTISSA = {"bfloat16": 8, "float16": 11}
-MIN_EXP = {"bfloat16": -126, "float16": -14}
 ULP_SLACK = 1.0
 ROUNDED_ULPS = 2.0
 STEPS = 25
@@ -47,13 +45,6 @@ OPTIONS = {
     "lr_no_scale": {"relative_step": False, "learning_rate": 1e-2, "scale_parameter": False},
     "warmup_clip": {"warmup_init": True, "clip_threshold": 0.5},
 }
-
-
-def ulp(x, dtype_name):
-    """Spacing of the dtype at |x| (elementwise, numpy float64)."""
-    x = np.abs(np.asarray(x, np.float64))
-    e = np.floor(np.log2(np.maximum(x, 2.0 ** MIN_EXP[dtype_name])))
-    return 2.0 ** (e - (MANTISSA[dtype_name] - 1))
 
 
 def state_of(opt, name="p"):
