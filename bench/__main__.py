@@ -1,0 +1,168 @@
+"""Benchmark the fused Adafactor step against stock MLX and PyTorch.
+
+    python -m bench             the full suite (about 15 minutes on 2 cores)
+    python -m bench --quick     a smaller suite in about a minute
+
+Writes results.json, results.md and results.png to --out (default
+bench/results/local/) and prints the tables.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import arms as arms_mod
+from . import copy_bandwidth, launch_plan, optimizer_step, report, training
+from . import sets as sets_mod
+from .common import DEFAULT_BUDGET, QUICK_BUDGET, Progress, machine_info
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Time one Adafactor step: stock MLX (eager and compiled), "
+        "this package (eager and compiled) and torch.optim.Adafactor.",
+    )
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer sets, sizes and steps: about a minute")
+    ap.add_argument("--sets", type=_csv, default=None,
+                    help="comma-separated: gpt2, llama, sweep, matrix-N, many-1k, "
+                    "many-256, tiny (default: gpt2,llama,sweep,many-1k,many-256; "
+                    "--quick: gpt2,sweep,many-1k)")
+    ap.add_argument("--sweep-sizes", type=_csv, default=None,
+                    help="matrix sizes n of the sweep (default 256..8192; "
+                    "--quick: 256..2048)")
+    ap.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"],
+                    help="comma-separated: float32, bfloat16, float16")
+    ap.add_argument("--arms", type=_csv, default=list(arms_mod.ALL_ARMS),
+                    help="comma-separated: " + ", ".join(arms_mod.ALL_ARMS)
+                    + " (torch arms only when torch is installed)")
+    ap.add_argument("--devices", type=_csv, default=["default", "cpu"],
+                    help="'default' (MLX's default device) and/or 'cpu' "
+                    "(run once when they are the same)")
+    ap.add_argument("--training", choices=["small", "tiny", "off"], default="small",
+                    help="the end-to-end training loop model (tiny: for tests)")
+    ap.add_argument("--copy-mb", type=int, default=copy_bandwidth.DEFAULT_BYTES // 2**20,
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "local",
+                    help="output directory (default bench/results/local/)")
+    return ap.parse_args(argv)
+
+
+def _devices(names):
+    out = []
+    for name in names:
+        if name == "default":
+            device = mx.default_device()
+        elif name == "cpu":
+            device = mx.cpu
+        else:
+            raise SystemExit(f"bench: unknown device '{name}' (choose default or cpu)")
+        if device not in out:
+            out.append(device)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    sweep = ([int(n) for n in args.sweep_sizes] if args.sweep_sizes
+             else sets_mod.QUICK_SWEEP_SIZES if args.quick else sets_mod.SWEEP_SIZES)
+    set_names = args.sets or list(sets_mod.QUICK_SETS if args.quick else sets_mod.DEFAULT_SETS)
+    set_list = sets_mod.resolve(set_names, sweep)
+    try:
+        dtypes = [DTYPES[d] for d in args.dtypes]
+    except KeyError as e:
+        raise SystemExit(f"bench: unknown dtype {e} (choose from {', '.join(DTYPES)})")
+    for name in args.arms:
+        arms_mod.make(name)
+    devices = _devices(args.devices)
+    notes = []
+
+    arm_names = list(args.arms)
+    torch_version = None
+    if arms_mod.torch_available():
+        import torch
+
+        torch_version = torch.__version__
+    elif any(a in arms_mod.TORCH_ARMS for a in arm_names):
+        arm_names = [a for a in arm_names if a not in arms_mod.TORCH_ARMS]
+        hint = ("PyTorch is not installed, so the torch.optim.Adafactor arms "
+                "are skipped; `pip install torch` in this environment to add them.")
+        print(f"bench: {hint}", file=sys.stderr)
+        notes.append(hint)
+    if len(args.devices) > len(devices):
+        notes.append(f"MLX's default device is the {devices[0].type.name.upper()}, "
+                     "so the default-device and CPU-stream runs are the same and "
+                     "are measured once.")
+
+    result = {
+        "schema_version": 1,
+        "machine": machine_info(),
+        "mlx_version": mx.__version__,
+        "torch_version": torch_version,
+        "quick": args.quick,
+        "budget": vars(budget),
+        "sets": {key: {"label": label, "n_tensors": len(shapes),
+                       "n_values": sets_mod.num_values(shapes)}
+                 for key, label, shapes in set_list},
+        "torch_settings": {k: list(v) if isinstance(v, tuple) else v
+                           for k, v in arms_mod.TORCH_SETTINGS.items()},
+        "min_bytes_definition": report.MIN_BYTES_NOTE,
+    }
+    result["package_version"] = result["machine"]["package_version"]
+    print(f"bench: {report.machine_line(result)}", file=sys.stderr)
+
+    cells = optimizer_step.cells(set_list, dtypes, devices, arm_names)
+    training_cfg = training.CONFIGS.get(args.training)
+    n_training = len(training.ARMS) if training_cfg else 0
+    progress = Progress(len(cells) + n_training, "bench")
+    progress.label("copy bandwidth")
+    copy_bytes = args.copy_mb * 2**20
+    bw_start = copy_bandwidth.measure(copy_bytes)
+    rows = optimizer_step.run(set_list, dtypes, devices, arm_names, budget, progress)
+    if training_cfg:
+        result["training"] = training.run(
+            training_cfg,
+            training.QUICK_TRAINING_BUDGET if args.quick else training.TRAINING_BUDGET,
+            progress,
+        )
+    bw_end = None
+    if not args.quick:
+        progress.label("copy bandwidth")
+        bw_end = copy_bandwidth.measure(copy_bytes)
+    progress.close()
+
+    best = max((b for b in (bw_start, bw_end) if b), key=lambda b: b["best_gbps"])
+    result["copy_bandwidth"] = {**best, "start_best_gbps": bw_start["best_gbps"],
+                                "end_best_gbps": bw_end and bw_end["best_gbps"]}
+    result["copy_bandwidth_gbps"] = best["best_gbps"]
+    for r in rows:
+        r["fraction_of_copy_bw"] = r["gbps"] / result["copy_bandwidth_gbps"]
+    result["rows"] = rows
+
+    plan = launch_plan.run(set_list, dtypes)
+    result["metal_plan_available"] = plan is not None
+    result["metal_plan"] = plan
+    if hasattr(os, "getloadavg"):
+        result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["notes"] = notes
+
+    text, paths = report.write(result, args.out)
+    print(text)
+    for kind, path in paths.items():
+        print(f"bench: wrote {kind}: {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What would one GPU step launch? The Metal launch plan's dispatch and byte
+counts for each parameter set, next to the node and byte counts of stock
+MLX Adafactor's graph.
+
+Computed, not timed, so it runs on any platform; it needs
+``mlx_fused_adafactor.metal_plan`` and reports "not available" without it.
+Parameter trees are built from unevaluated ``mx.zeros`` (shape and dtype
+only), so no memory is allocated.
+
+    python -m bench.launch_plan --sets gpt2
+"""
+
+import mlx.core as mx
+
+from . import sets as sets_mod
+from .common import dtype_name
+
+
+def available():
+    try:
+        from mlx_fused_adafactor import metal_plan  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(set_list, dtypes):
+    """One row per (set, dtype), or ``None`` when the plan is not available."""
+    try:
+        from mlx_fused_adafactor import metal_plan
+    except ImportError:
+        return None
+    rows = []
+    for key, _, shapes in set_list:
+        for dtype in dtypes:
+            tree = {name: mx.zeros(shape, dtype=dtype) for name, shape in shapes.items()}
+            plan = dict(metal_plan.plan_summary(tree))
+            stock = dict(metal_plan.stock_graph_summary(tree))
+            rows.append({
+                "set": key,
+                "dtype": dtype_name(dtype),
+                "fused_dispatches": plan.get("dispatches"),
+                "fused_bytes_read": plan.get("bytes_read"),
+                "fused_bytes_written": plan.get("bytes_written"),
+                "stock_nodes": stock.get("nodes"),
+                "stock_bytes_read": stock.get("bytes_read"),
+                "stock_bytes_written": stock.get("bytes_written"),
+                "param_bytes": plan.get("param_bytes", stock.get("param_bytes")),
+                "min_bytes": 6 * sets_mod.num_values(shapes) * dtype.size,
+            })
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sets", default="gpt2")
+    a = ap.parse_args()
+    result = run(sets_mod.resolve(a.sets.split(","), sets_mod.SWEEP_SIZES),
+                 [mx.float32, mx.bfloat16])
+    if result is None:
+        print("Metal launch plan: not available (mlx_fused_adafactor.metal_plan is missing)")
+    else:
+        for r in result:
+            print(r)
