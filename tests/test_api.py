@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import mlx_fused_adafactor
-from common import (
+from afhelpers import (
     StockAdafactor,
     assert_trees_close,
     assert_trees_equal,
@@ -467,3 +467,36 @@ def test_same_array_for_two_parameters():
     mx.eval(new)
     assert_trees_equal(new["a"], new["b"], "aliased")
     np.testing.assert_array_equal(to64(x), to64(params["a"]))
+
+
+class ModelWithConfig(nn.Module):
+    """Non-array attributes (as mlx-lm models keep) and a frozen layer: the
+    gradient tree has empty subtrees over strings, ints and the frozen
+    layer (nn.value_and_grad maps them to {} / [])."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_types = ["full_attention", "sliding"]
+        self.config = {"name": "tiny", "sizes": [8, 16]}
+        self.lin = nn.Linear(8, 16)
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.freeze()
+        self.head = nn.Linear(16, 4)
+
+    def __call__(self, x):
+        return self.head(nn.relu(self.frozen(self.lin(x))))
+
+
+@pytest.mark.parametrize("compiled", [None, "impure"])
+def test_module_with_non_array_attributes_and_frozen_layer(compiled):
+    data = batches(4)
+    out = {}
+    for kind in ("stock", "fused"):
+        mx.random.seed(0)
+        model = ModelWithConfig()
+        mx.eval(model.parameters())
+        opt = make(kind, beta_1=0.9)
+        losses = train(opt, model, data, compiled if kind == "fused" else None)
+        out[kind] = (losses, model.parameters(), opt.state)
+    np.testing.assert_allclose(out["fused"][0], out["stock"][0], rtol=1e-5)
+    assert_trees_close(out["fused"][1:], out["stock"][1:], TOL, "module with config")

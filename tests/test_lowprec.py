@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from common import (
+from afhelpers import (
     DTYPES,
     StockAdafactor,
     flat,
@@ -33,6 +33,8 @@ from reference64 import run64, step64
 
 ULP_SLACK = 1.0
 ROUNDED_ULPS = 2.0
+# Two float32 ulps at max|x| (as test_parity's SLACK).
+TOL32_SLACK = 2.0**-22
 STEPS = 25
 # fp32 state against float64 when only the state math (no parameter
 # rounding) is involved: a few float32 roundings.
@@ -292,3 +294,44 @@ def test_fp16_large_parameters_do_not_overflow_rms(shape, compiled):
     # The step moved the parameters (lr = 1e-2 * RMS(p) ~ 3 per step).
     assert max_err(to64(p), to64(p0)) > 1.0
     assert max_err(to64(p), p64) <= 2 * float(ulp(max_abs(p64), "float16"))
+
+
+@pytest.mark.parametrize(
+    "p_name,g_name",
+    [("float32", "bfloat16"), ("float32", "float16"), ("bfloat16", "float32"), ("float16", "bfloat16")],
+)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "lazy"])
+def test_gradient_dtype_other_than_parameter_dtype(p_name, g_name, compiled):
+    """Mixed dtypes run in float32 too and keep the parameter dtype. (Stock
+    promotes: a bfloat16 parameter with float32 gradients comes back as
+    float32, so for low-precision parameters the float64 comparison is the
+    rounded-once one, not stock's error.)"""
+    shapes = {"w": (31, 33), "b": (33,)}
+    p_dtype, g_dtype = DTYPES[p_name], DTYPES[g_name]
+    params = {k: rand(s, 1 + i, p_dtype) for i, (k, s) in enumerate(shapes.items())}
+    seqs = {k: grad_seq(s, 10, 5 + i, g_dtype) for i, (k, s) in enumerate(shapes.items())}
+    grads = [{k: v[j] for k, v in seqs.items()} for j in range(10)]
+    fused = make("fused", beta_1=0.9)
+    p = run(fused, params, grads, compiled=compiled)
+    stock = make("stock", beta_1=0.9)
+    p_stock = run(stock, params, grads)
+    for name in shapes:
+        assert p[name].dtype == p_dtype
+        got = flat({"p": p[name], **fused.state[name]})
+        assert fused.state[name]["exp_avg"].dtype == p_dtype
+        g64 = [to64(g[name]) for g in grads]
+        if p_name == "float32":
+            p64, s64 = run64(to64(params[name]), g64, beta_1=0.9)
+            ref = {"p": p64, **s64}
+            st = flat({"p": p_stock[name], **stock.state[name]})
+            for key, expected in ref.items():
+                slack = TOL32_SLACK * max_abs(expected)
+                assert max_err(got[key], expected) <= max_err(st[key], expected) + slack, key
+        else:
+            peak = {}
+            p64, s64 = run64(
+                to64(params[name]), g64, beta_1=0.9, round_fn=rounder(p_dtype), peak=peak
+            )
+            for key, expected in (("p", p64), ("exp_avg", s64["exp_avg"])):
+                bound = ROUNDED_ULPS * ulp(peak[key], p_name)
+                assert (np.abs(got[key] - expected) <= bound).all(), key
