@@ -14,7 +14,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 
-from common import (
+from afhelpers import (
     StockAdafactor,
     assert_close_to_max,
     assert_trees_close,
@@ -111,6 +111,10 @@ OPTIONS = {
         ),
     },
     "warmup_init_no_scale": {"warmup_init": True, "scale_parameter": False},
+    # Ignored with relative_step=True (stock ignores it too; fused warns).
+    "lr_ignored": {"learning_rate": 0.5},
+    "schedule_ignored": {"learning_rate": optim.step_decay(0.5, 0.5, 3), "beta_1": 0.9},
+    "lr_array": {"relative_step": False, "learning_rate": mx.array(2e-2)},
 }
 
 TREE_SHAPES = {
@@ -262,19 +266,47 @@ def test_many_tensors_one_step_match_stock():
     assert_trees_close(out["eager"], out["stock"], TOL["float32"]["LOOSE"], "many")
 
 
-def test_step_count_continues_from_loaded_state():
-    # Late steps: beta_2 close to 1 and rsqrt(step) below 1e-2.
+@pytest.mark.parametrize("t0", [5000, 2**24 + 1, 10**8, 2**40])
+@pytest.mark.parametrize("options", [{"beta_1": 0.9}, {"warmup_init": True}], ids=["momentum", "warmup"])
+def test_step_count_continues_from_loaded_state(t0, options):
+    # Late steps: beta_2 close to 1, rsqrt(step) below 1e-2 (and below
+    # 1e-6 * step with warmup_init), step counts float32 cannot hold exactly.
     params = {"w": rand((8, 9), 13), "b": rand((9,), 14)}
-    grads = [{"w": g, "b": h} for g, h in zip(grad_seq((8, 9), 6, 15), grad_seq((9,), 6, 16))]
+    grads = [{"w": g, "b": h} for g, h in zip(grad_seq((8, 9), 4, 15), grad_seq((9,), 4, 16))]
     out = {}
-    for kind in ("stock", "fused"):
-        opt = make(kind, beta_1=0.9)
+    for name, kind, compiled in (("stock", "stock", False), ("eager", "fused", False), ("lazy", "fused", True)):
+        opt = make(kind, **options)
         opt.init(params)
-        opt.state["step"] = mx.array(5000, mx.uint64)
-        p = run(opt, params, grads)
-        out[kind] = (p, opt.state)
-    assert int(out["fused"][1]["step"].item()) == 5006
-    assert_trees_close(out["fused"], out["stock"], TOL["float32"]["STOCK"], "late")
+        opt.state["step"] = mx.array(t0, mx.uint64)
+        p = run(opt, params, grads, compiled=compiled)
+        out[name] = (p, opt.state)
+    assert int(out["eager"][1]["step"].item()) == t0 + 4
+    check_fused_paths(out, TOL["float32"]["STOCK"], f"step {t0}")
+
+
+def test_noncontiguous_state_and_parameters():
+    """A loaded state (or a parameter) may be a view: broadcast, strided or
+    transposed. Results are bitwise those of contiguous copies."""
+    p = rand((6, 8), 1)
+    grads = [{"p": g} for g in grad_seq((6, 8), 2, 2)]
+    views = {
+        "exp_avg_sq_row": mx.broadcast_to(mx.array(0.5), (6,)),
+        "exp_avg_sq_col": mx.abs(rand((16,), 3))[::2],
+        "exp_avg": rand((8, 6), 4).T,
+    }
+    copies = {k: mx.array(np.array(v)) for k, v in views.items()}
+    p_view = mx.broadcast_to(rand((1, 8), 5), (6, 8))
+    p_copy = mx.array(np.array(p_view))
+    results = []
+    for state, param in ((copies, p_copy), (views, p_view)):
+        for compiled in (False, True):
+            opt = make("fused", beta_1=0.9)
+            opt.init({"p": param})
+            opt.state["p"].update(state)
+            new = run(opt, {"p": param}, grads, compiled=compiled)
+            results.append((new, opt.state))
+    for other in results[1:]:
+        assert_trees_equal(other, results[0], "views")
 
 
 def test_lazy_primitive_direct_matches_eager():
