@@ -1,0 +1,72 @@
+"""The fused step is one multi-output MLX primitive per dtype group (issue
+item 4), and the lazy primitive is the eager step (NOTE [eager step])."""
+
+import mlx.core as mx
+import mlx_fused_adafactor.optimizer as fused_module
+from afhelpers import assert_trees_equal, grad_seq, rand, run
+from mlx_fused_adafactor import Adafactor, _ext
+
+
+def primitive_nodes(arrays, tmp_path):
+    """Labels of the primitives in the graph that produces ``arrays``."""
+    path = tmp_path / "graph.dot"
+    mx.export_to_dot(str(path), *arrays)
+    nodes = {}
+    for line in path.read_text().splitlines():
+        if "[label =" in line:
+            node = line.split("{")[1].split("[")[0].strip()
+            nodes[node] = line.split('label ="')[1].split('"')[0]
+    return nodes
+
+
+def test_one_primitive_per_dtype_group(monkeypatch, tmp_path):
+    calls = []
+    real = _ext.adafactor_step
+
+    def lazy_step(*args, **kwargs):
+        # Observe the call and ask for the lazy primitive (the eager path
+        # would return evaluated arrays without a graph).
+        kwargs["allow_eager"] = False
+        outs = real(*args, **kwargs)
+        calls.append(outs)
+        return outs
+
+    monkeypatch.setattr(fused_module._ext, "adafactor_step", lazy_step)
+    params = {
+        "w": rand((5, 6), 1), "b": rand((6,), 2), "s": rand((), 3), "c": rand((2, 3, 4), 4),
+        "h": rand((4, 4), 5, mx.bfloat16), "hb": rand((4,), 6, mx.bfloat16),
+    }
+    grads = {k: rand(v.shape, 10 + i, v.dtype) for i, (k, v) in enumerate(params.items())}
+    opt = Adafactor(beta_1=0.9)
+    new = opt.apply_gradients(grads, params)
+    assert len(calls) == 2  # float32 group, bfloat16 group
+    # 4 float32 tensors: 3 factored-or-flat outputs each + momentum.
+    assert len(calls[0]) == (1 + 2 + 1) * 2 + (1 + 1 + 1) * 2
+    assert len(calls[1]) == (1 + 2 + 1) + (1 + 1 + 1)
+    for outs in calls:
+        labels = primitive_nodes(outs, tmp_path)
+        producers = [n for n, label in labels.items() if label == "AdafactorStep"]
+        assert len(producers) == 1, labels
+    everything = [v for v in new.values()] + [
+        a for k in params for a in opt.state[k].values()
+    ]
+    labels = primitive_nodes(everything, tmp_path)
+    assert sum(label == "AdafactorStep" for label in labels.values()) == 2
+    mx.eval(new, opt.state)
+
+    monkeypatch.undo()
+    eager = Adafactor(beta_1=0.9)
+    expected = eager.apply_gradients(grads, params)
+    assert_trees_equal((new, opt.state), (expected, eager.state), "lazy vs eager")
+
+
+def test_eager_step_returns_evaluated_arrays(tmp_path):
+    # Outside transformations the step has already run (NOTE [eager step]):
+    # its outputs have no graph behind them.
+    params = {"w": rand((5, 6), 1), "b": rand((6,), 2)}
+    grads = {k: rand(v.shape, 3 + i) for i, (k, v) in enumerate(params.items())}
+    opt = Adafactor()
+    new = opt.apply_gradients(grads, params)
+    for name in params:
+        # A graph-less array: nothing but the array itself in its dot graph.
+        assert not primitive_nodes([new[name]], tmp_path), name
