@@ -1,10 +1,107 @@
-// Python bindings of the Metal launch plan (kernels/*.metal): dispatch and
-// byte counts of one GPU step, computed on any platform.
+// Python bindings of the Metal launch plan (kernels/*.metal): the dispatches
+// of one GPU step and the bytes they move, computed on any platform.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "metal_plan.h"
 
 namespace nb = nanobind;
+namespace mp = mlx_fused_adafactor::metal_plan;
+
+namespace {
+
+const char* source_name(mp::Source s) {
+  switch (s) {
+    case mp::Source::Input:
+      return "input";
+    case mp::Source::Output:
+      return "output";
+    case mp::Source::Scratch:
+      return "scratch";
+    case mp::Source::Bytes:
+      return "bytes";
+  }
+  return "";
+}
+
+nb::dict plan_to_dict(const mp::Plan& plan) {
+  nb::list dispatches;
+  for (const auto& d : plan.dispatches) {
+    nb::list bindings;
+    for (const auto& b : d.bindings) {
+      nb::dict bd;
+      bd["index"] = b.index;
+      bd["source"] = source_name(b.source);
+      bd["array"] = b.array;
+      bd["offset"] = b.offset;
+      bd["size"] = b.size;
+      bd["bytes"] = nb::bytes(
+          reinterpret_cast<const char*>(b.bytes.data()), b.bytes.size());
+      bd["bytes_read"] = b.bytes_read;
+      bd["bytes_written"] = b.bytes_written;
+      bindings.append(bd);
+    }
+    nb::dict dd;
+    dd["kernel"] = d.kernel;
+    dd["tensor"] = d.tensor;
+    dd["grid"] = nb::make_tuple(d.grid[0], d.grid[1], d.grid[2]);
+    dd["group"] = nb::make_tuple(d.group[0], d.group[1], d.group[2]);
+    dd["bindings"] = bindings;
+    dispatches.append(dd);
+  }
+  nb::list donations;
+  for (const auto& [o, i] : plan.donations) {
+    donations.append(nb::make_tuple(o, i));
+  }
+  nb::dict out;
+  out["dispatches"] = dispatches;
+  out["scratch_bytes"] = plan.scratch_bytes;
+  out["donations"] = donations;
+  return out;
+}
+
+} // namespace
 
 void bind_metal_plan(nb::module_& m) {
-  (void)m;
+  m.attr("METALLIB_NAME") = mp::kMetallibName;
+  m.attr("THREADS_PER_GROUP") = AF_THREADS_PER_GROUP;
+  m.attr("SMALL_LIMIT") = AF_SMALL_LIMIT;
+  m.def(
+      "metal_plan",
+      [](const std::vector<std::vector<int64_t>>& shapes,
+         const std::vector<std::string>& param_types,
+         const std::vector<std::string>& grad_types,
+         const std::vector<int>& param_itemsizes,
+         const std::vector<int>& grad_itemsizes,
+         float eps1,
+         float eps2,
+         float clip_threshold,
+         float decay_rate,
+         float beta1,
+         float one_minus_beta1,
+         float weight_decay,
+         int flags) {
+        const size_t k = shapes.size();
+        if (param_types.size() != k || grad_types.size() != k ||
+            param_itemsizes.size() != k || grad_itemsizes.size() != k) {
+          throw std::invalid_argument(
+              "[adafactor] metal_plan: one dtype and itemsize per shape.");
+        }
+        std::vector<mp::TensorDesc> tensors;
+        for (size_t i = 0; i < k; ++i) {
+          tensors.push_back({shapes[i], param_types[i], grad_types[i],
+                             param_itemsizes[i], grad_itemsizes[i]});
+        }
+        AdafactorHyper h{eps1, eps2, clip_threshold, decay_rate, beta1,
+                         one_minus_beta1, weight_decay, flags};
+        return plan_to_dict(mp::make_plan(h, tensors));
+      },
+      nb::arg("shapes"), nb::arg("param_types"), nb::arg("grad_types"),
+      nb::arg("param_itemsizes"), nb::arg("grad_itemsizes"), nb::arg("eps1"),
+      nb::arg("eps2"), nb::arg("clip_threshold"), nb::arg("decay_rate"),
+      nb::arg("beta1"), nb::arg("one_minus_beta1"), nb::arg("weight_decay"),
+      nb::arg("flags"),
+      "The Metal launch plan of one step (dispatches, bindings, scratch).");
 }

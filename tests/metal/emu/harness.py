@@ -1,0 +1,156 @@
+"""Run one fused Adafactor step on the emulator, through the launch plan.
+
+The plan comes from the extension (`metal_plan`, the code the Metal host
+encodes); every array, scratch region and by-value argument becomes its own
+exact-size buffer of the emulator, outputs and scratch start as NaN bytes,
+and the dispatches run in plan order.
+"""
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_fused_adafactor._build import ext
+
+_RAW = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}
+_NP = {mx.uint32: np.uint32, mx.uint16: np.uint16}
+
+
+def dtype_token(dtype):
+    return str(dtype).split(".")[-1]
+
+
+def to_bytes(a):
+    a = mx.contiguous(a)
+    raw = a.view(_RAW[a.dtype]) if a.dtype in _RAW else a
+    return np.array(raw).tobytes()
+
+
+def from_bytes(data, dtype, shape):
+    raw = _RAW[dtype]
+    arr = mx.array(np.frombuffer(data, dtype=_NP[raw]).copy()).view(dtype)
+    return arr.reshape(shape)
+
+
+def hyper_args(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
+               beta_1=None, weight_decay=0.0, scale_parameter=True,
+               relative_step=True, warmup_init=False):
+    """Positional hyper-parameters of metal_plan / adafactor_step."""
+    flags = 0
+    flags |= ext.SCALE_PARAMETER if scale_parameter else 0
+    flags |= ext.RELATIVE_STEP if relative_step else 0
+    flags |= ext.WARMUP_INIT if warmup_init else 0
+    flags |= ext.MOMENTUM if beta_1 is not None else 0
+    flags |= ext.WEIGHT_DECAY if weight_decay != 0 else 0
+    b1 = 0.0 if beta_1 is None else float(beta_1)
+    return (eps[0], eps[1], clip_threshold, decay_rate, b1, 1.0 - b1,
+            weight_decay, flags)
+
+
+def plan_for(params, grads, hyper):
+    return ext.metal_plan(
+        [list(p.shape) for p in params],
+        [dtype_token(p.dtype) for p in params],
+        [dtype_token(g.dtype) for g in grads],
+        [p.itemsize for p in params],
+        [g.itemsize for g in grads],
+        *hyper,
+    )
+
+
+def slot_arrays(step, lr, params, grads, states):
+    """Inputs of the primitive (NOTE: [slot layout]) and the dtype and shape
+    of each output."""
+    inputs = [step, lr]
+    outputs = []
+    for p, g, st in zip(params, grads, states):
+        inputs += [p, g, *st]
+        outputs.append((p.dtype, p.shape))
+        for s in st:
+            outputs.append((s.dtype, s.shape))
+    return inputs, outputs
+
+
+def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
+             plan=None, timeout=600):
+    """New params and states after one step on the emulator `exe`.
+
+    `alias`: outputs the plan lets take their input's buffer share it, as
+    on a Metal device when MLX donates the input. Raises EmulatorError with
+    the emulator's output when it fails (sanitizer reports included)."""
+    plan = plan or plan_for(params, grads, hyper)
+    step = mx.array(step, mx.float32)
+    lr = mx.array(lr, mx.float32)
+    inputs, outputs = slot_arrays(step, lr, params, grads, states)
+    sizes, blobs = [], []
+
+    def add(blob):
+        sizes.append(len(blob))
+        blobs.append(blob)
+        return len(sizes) - 1
+
+    in_ids = [add(to_bytes(a)) for a in inputs]
+    donated = dict(plan["donations"]) if alias else {}
+    out_ids = []
+    for k, (dtype, shape) in enumerate(outputs):
+        if k in donated:
+            out_ids.append(in_ids[donated[k]])
+        else:
+            n = int(np.prod(shape)) if shape else 1
+            out_ids.append(add(b"\xff" * (n * mx.zeros((), dtype).itemsize)))
+    regions = {}
+    lines = []
+    for d in plan["dispatches"]:
+        binds = []
+        for b in d["bindings"]:
+            src = b["source"]
+            if src == "input":
+                buf = in_ids[b["array"]]
+            elif src == "output":
+                buf = out_ids[b["array"]]
+            elif src == "scratch":
+                key = (b["offset"], b["size"])
+                if key not in regions:
+                    regions[key] = add(b"\xff" * b["size"])
+                buf = regions[key]
+            else:
+                buf = add(b["bytes"])
+            binds.append(f"{b['index']} {buf}")
+        lines.append(
+            "dispatch {} {} {} {} {} {} {} {} {}".format(
+                d["kernel"], *d["grid"], *d["group"], len(binds), " ".join(binds)
+            )
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        job = ["buffers %d" % len(sizes)] + [str(s) for s in sizes] + lines
+        (tmp / "job").write_text("\n".join(job) + "\n")
+        (tmp / "in").write_bytes(b"".join(blobs))
+        proc = subprocess.run(
+            [str(exe), str(tmp / "job"), str(tmp / "in"), str(tmp / "out")],
+            capture_output=True, text=True, timeout=timeout,
+        )
+        if proc.returncode != 0 or "WARNING: ThreadSanitizer" in proc.stderr:
+            raise EmulatorError(proc.returncode, proc.stderr)
+        data = (tmp / "out").read_bytes()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    result = []
+    for k, (dtype, shape) in enumerate(outputs):
+        i = out_ids[k]
+        result.append(from_bytes(data[offsets[i]:offsets[i + 1]], dtype, shape))
+    new_params, new_states, k = [], [], 0
+    for st in states:
+        new_params.append(result[k])
+        new_states.append(result[k + 1:k + 1 + len(st)])
+        k += 1 + len(st)
+    return new_params, new_states
+
+
+class EmulatorError(RuntimeError):
+    def __init__(self, returncode, stderr):
+        super().__init__(f"emulator exited with {returncode}:\n{stderr[-4000:]}")
+        self.returncode = returncode
+        self.stderr = stderr

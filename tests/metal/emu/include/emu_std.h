@@ -1,0 +1,11 @@
+// Standard headers of the emulator's run mode (see <metal_stdlib>).
+#pragma once
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <vector>
