@@ -1,0 +1,105 @@
+"""Data parallel over two local processes: mlx.launch -n 2 --backend ring.
+
+The example trainer runs on two ranks (each half of every batch, gradients
+averaged with mlx.nn.average_gradients) and on one process with the whole
+batch. mlx.launch exits 0 even when a rank fails, so every rank writes its
+own record and the test reads them: the parameters of both ranks must be
+identical after every step, and equal to the single-process run within
+float32 tolerance (the all-reduce sums in another order than one batch).
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+STEPS = 6
+# Two half-batch gradients averaged vs one full-batch gradient: float32
+# rounding of the reductions, carried through STEPS updates.
+PARAM_ATOL = 1e-5
+LOSS_RTOL = 1e-5
+ARGS = [
+    "--steps", str(STEPS), "--dims", "32", "--layers", "1", "--heads", "2",
+    "--seq-len", "16", "--batch-size", "8", "--max-bytes", "200000",
+    "--plot", "", "--report-every", "2",
+]
+
+
+def launcher():
+    path = Path(sys.executable).parent / "mlx.launch"
+    return str(path) if path.exists() else shutil.which("mlx.launch")
+
+
+def free_port_pair():
+    """A port p with p and p + 1 free (the ring backend listens on one port
+    per rank from --starting-port on)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def read_rank(dump, rank, launch_output):
+    record = dump / f"record-rank{rank}.json"
+    params = dump / f"params-rank{rank}.safetensors"
+    assert record.exists() and params.exists(), (
+        f"rank {rank} wrote no result; launcher output:\n{launch_output}"
+    )
+    return json.loads(record.read_text()), mx.load(str(params))
+
+
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_two_ranks_match_single_process(tmp_path, mode):
+    extra = ["--no-compile"] if mode == "eager" else []
+    module = [sys.executable, "-m", "mlx_fused_adafactor.examples.train_lm"]
+    launch = subprocess.run(
+        [launcher(), "-n", "2", "--backend", "ring",
+         "--starting-port", str(free_port_pair()),
+         *module, *ARGS, *extra, "--dump", str(tmp_path / "two")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    output = launch.stdout + launch.stderr
+    single = subprocess.run(
+        [*module, *ARGS, *extra, "--dump", str(tmp_path / "one")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180,
+    )
+    assert single.returncode == 0, single.stdout + single.stderr
+
+    (rec0, params0), (rec1, params1) = (
+        read_rank(tmp_path / "two", r, output) for r in (0, 1)
+    )
+    one, params_one = read_rank(tmp_path / "one", 0, single.stdout + single.stderr)
+    assert (rec0["rank"], rec0["size"]) == (0, 2)
+    assert (rec1["rank"], rec1["size"]) == (1, 2)
+    assert one["size"] == 1
+    assert "over 2 process(es)" in output
+
+    # Identical on both ranks after every step.
+    assert len(rec0["digests"]) == len(rec1["digests"]) == STEPS
+    assert rec0["digests"] == rec1["digests"]
+    assert rec0["losses"] == rec1["losses"]
+    for k in params0:
+        np.testing.assert_array_equal(np.array(params0[k]), np.array(params1[k]), k)
+
+    # The same training as one process on the whole batch.
+    np.testing.assert_allclose(rec0["losses"], one["losses"], rtol=LOSS_RTOL)
+    assert params0.keys() == params_one.keys()
+    for k in params_one:
+        np.testing.assert_allclose(
+            np.array(params0[k]), np.array(params_one[k]), rtol=0,
+            atol=PARAM_ATOL, err_msg=k,
+        )
