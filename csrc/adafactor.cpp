@@ -174,11 +174,47 @@ std::vector<mx::array> adafactor_step(
             inputs[kStepIdx].item<float>(), inputs[kLrIdx].item<float>());
     return outputs;
   }
-  return mx::array::make_arrays(
-      std::move(out_shapes),
-      out_dtypes,
-      std::make_shared<AdafactorStep>(stream, hyper, static_cast<int>(n)),
-      inputs);
+  // NOTE: [lazy chunks]
+  // Each output of a multi-output primitive lists all the others as
+  // siblings, and MLX's graph passes (compile above all) grow faster than
+  // linearly in that count: one primitive for 100 1-D tensors takes a second
+  // to compile, for 1000 longer than a CI run. The lazy step is therefore
+  // one primitive per run of tensors with at most kMaxLazyOutputs outputs;
+  // large tensors still fill the thread pool inside each primitive.
+  std::vector<mx::array> outputs;
+  outputs.reserve(out_shapes.size());
+  size_t in = kFirstTensorIdx, out = 0;
+  while (in < inputs.size()) {
+    std::vector<mx::array> chunk_in = {inputs[kStepIdx], inputs[kLrIdx]};
+    std::vector<mx::Shape> chunk_shapes;
+    std::vector<mx::Dtype> chunk_dtypes;
+    int tensors = 0;
+    while (in < inputs.size()) {
+      const bool factored = is_factored(inputs[in]);
+      const int n_out = num_outputs(factored, momentum);
+      if (tensors > 0 && chunk_shapes.size() + n_out > kMaxLazyOutputs) {
+        break;
+      }
+      chunk_in.insert(
+          chunk_in.end(),
+          inputs.begin() + in,
+          inputs.begin() + in + num_inputs(factored, momentum));
+      for (int k = 0; k < n_out; ++k) {
+        chunk_shapes.push_back(std::move(out_shapes[out + k]));
+        chunk_dtypes.push_back(out_dtypes[out + k]);
+      }
+      in += num_inputs(factored, momentum);
+      out += n_out;
+      ++tensors;
+    }
+    auto arrays = mx::array::make_arrays(
+        std::move(chunk_shapes),
+        chunk_dtypes,
+        std::make_shared<AdafactorStep>(stream, hyper, tensors),
+        chunk_in);
+    outputs.insert(outputs.end(), arrays.begin(), arrays.end());
+  }
+  return outputs;
 }
 
 bool AdafactorStep::is_equivalent(const mx::Primitive& other) const {

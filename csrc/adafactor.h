@@ -1,8 +1,11 @@
 // The fused Adafactor step as an MLX operation and primitive.
 //
-// One primitive evaluates the whole optimizer step for every parameter of a
+// One operation evaluates the whole optimizer step for every parameter of a
 // dtype group: it takes (step, learning_rate) and, per tensor, the parameter,
-// its gradient and its state, and returns the new parameter and state.
+// its gradient and its state, and returns the new parameter and state. It
+// runs eagerly outside transformations (NOTE: [eager step]) and otherwise as
+// AdafactorStep primitives of at most kMaxLazyOutputs outputs each
+// (NOTE: [lazy chunks]).
 //
 // Input layout (NOTE: [slot layout]):
 //   inputs  = [step, learning_rate, <tensor 0 slots>, <tensor 1 slots>, ...]
@@ -36,6 +39,9 @@ constexpr int kGradIdx = 1;
 constexpr int kRowIdx = 2; // factored: exp_avg_sq_row
 constexpr int kColIdx = 3; // factored: exp_avg_sq_col
 constexpr int kSqIdx = 2; // not factored: exp_avg_sq
+
+// Outputs of one lazy primitive at most (NOTE: [lazy chunks]).
+constexpr size_t kMaxLazyOutputs = 48;
 
 // Parameters with at least this many dimensions use factored statistics.
 constexpr int kFactoredMinNdim = 2;
