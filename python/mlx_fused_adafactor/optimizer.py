@@ -370,6 +370,10 @@ def _collect(grads, params, state, keys, name, out):
     """Walk the gradient tree with the parameter and state trees beside it,
     validating their structure; append (keys, name, grad, param, state) per
     gradient array, state being the parameter's state dict or None."""
+    if isinstance(grads, (dict, list, tuple)) and not grads:
+        # Module.trainable_parameters() maps non-array attributes to empty
+        # containers; there is nothing to update under them (as in stock).
+        return
     if isinstance(grads, mx.array):
         if not isinstance(params, mx.array):
             raise ValueError(
