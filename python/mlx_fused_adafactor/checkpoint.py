@@ -96,7 +96,9 @@ def load_optimizer_state(path_or_arrays, model, optimizer):
 
 def _read(path):
     try:
-        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
+        arrays, metadata = mx.load(
+            str(path), format="safetensors", return_metadata=True
+        )
         mx.eval(list(arrays.values()))
     except FileNotFoundError:
         raise
@@ -116,7 +118,9 @@ def _check_model(path, flat, model):
                 f"[adafactor] checkpoint '{path}': no value for model "
                 f"parameter '{key}'."
             )
-        _check_array(path, f"model parameter '{key}'", flat[key], param.shape, param.dtype)
+        _check_array(
+            path, f"model parameter '{key}'", flat[key], param.shape, param.dtype
+        )
     for key in flat:
         if key not in expected:
             raise ValueError(

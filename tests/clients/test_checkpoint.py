@@ -56,7 +56,8 @@ def batches():
 
 
 def loss_fn(net, x, y):
-    return nn.losses.mse_loss(net(x.astype(net.head.weight.dtype)), y.astype(mx.float32))
+    out = net(x.astype(net.head.weight.dtype))
+    return nn.losses.mse_loss(out, y.astype(mx.float32))
 
 
 def train(net, opt, data, compiled):
@@ -146,7 +147,8 @@ def test_stock_checkpoint_continues_in_float32(tmp_path):
     train(net, opt, first, False)
     save_checkpoint(tmp_path / "stock.safetensors", net, opt)
     # The plain format of the MLX docs, written by stock code.
-    mx.save_safetensors(str(tmp_path / "opt.safetensors"), dict(tree_flatten(opt.state)))
+    flat = dict(tree_flatten(opt.state))
+    mx.save_safetensors(str(tmp_path / "opt.safetensors"), flat)
     net.save_weights(str(tmp_path / "weights.safetensors"))
 
     fused_net, fused = make_net(7), Adafactor()
@@ -220,9 +222,9 @@ def rewrite(path, out, edit):
         ("truncated", "could not be read"),
         ("empty", "could not be read"),
         ("wider_model", r"model parameter 'layers\.0\.weight' has shape"),
-        ("momentum_missing", r"parameter 'layers\.0\.weight' has no optimizer state 'exp_avg'"),
-        ("row_shape", r"parameter 'layers\.1\.weight': optimizer state 'exp_avg_sq_row' has shape"),
-        ("missing_entry", r"parameter 'norm\.bias' has no optimizer state 'exp_avg_sq'"),
+        ("momentum_missing", r"'layers\.0\.weight' has no optimizer state 'exp_avg'"),
+        ("row_shape", r"'layers\.1\.weight': optimizer state 'exp_avg_sq_row' has"),
+        ("missing_entry", r"'norm\.bias' has no optimizer state 'exp_avg_sq'"),
         ("extra_param", r"optimizer state 'extra\.weight\.exp_avg_sq', which fits no"),
         ("no_step", "has no 'step'"),
         ("not_a_checkpoint", "is not a"),
@@ -246,13 +248,17 @@ def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, case, match):
             a["optimizer.layers.1.weight.exp_avg_sq_row"] = mx.zeros((3,))
         path = rewrite(good, tmp_path / "bad.safetensors", edit)
     elif case == "missing_entry":
-        path = rewrite(good, tmp_path / "bad.safetensors", lambda a: a.pop("optimizer.norm.bias.exp_avg_sq"))
+        def edit(a):
+            a.pop("optimizer.norm.bias.exp_avg_sq")
+        path = rewrite(good, tmp_path / "bad.safetensors", edit)
     elif case == "extra_param":
         def edit(a):
             a["optimizer.extra.weight.exp_avg_sq"] = mx.zeros((4,))
         path = rewrite(good, tmp_path / "bad.safetensors", edit)
     elif case == "no_step":
-        path = rewrite(good, tmp_path / "bad.safetensors", lambda a: a.pop("optimizer.step"))
+        def edit(a):
+            a.pop("optimizer.step")
+        path = rewrite(good, tmp_path / "bad.safetensors", edit)
     elif case == "not_a_checkpoint":
         path = tmp_path / "plain.safetensors"
         mx.save_safetensors(str(path), {"step": mx.array(1, mx.uint64)})

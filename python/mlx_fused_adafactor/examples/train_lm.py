@@ -41,6 +41,7 @@ from mlx.utils import tree_flatten
 from mlx_fused_adafactor import Adafactor, load_checkpoint, save_checkpoint
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+SECOND_MOMENT_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
 
 
 # ---------------------------------------------------------------- data
@@ -202,7 +203,7 @@ class Run:
         flat = [
             v.astype(mx.float32).reshape(-1)
             for k, v in tree_flatten(self.optimizer.state)
-            if k.rpartition(".")[2] in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq")
+            if k.rpartition(".")[2] in SECOND_MOMENT_KEYS
         ]
         now = mx.concatenate(flat)
         change = None
