@@ -34,6 +34,7 @@
 #include "mlx/backend/cpu/encoder.h"
 
 #include "adafactor.h"
+#include "cpu_types.h"
 #include "parallel.h"
 
 namespace mlx_fused_adafactor {
@@ -42,12 +43,12 @@ namespace {
 
 template <typename T>
 inline float load(const T* x, int64_t i) {
-  return static_cast<float>(x[i]);
+  return to_float(x[i]);
 }
 
 template <typename T>
 inline void store(T* x, int64_t i, float v) {
-  x[i] = static_cast<T>(v);
+  x[i] = from_float<T>(v);
 }
 
 // Pointers and geometry of one tensor of the step.
@@ -500,9 +501,9 @@ std::shared_ptr<StepRunner> make_runner_p(
     case mx::float32:
       return std::make_shared<CpuRunner<P, float>>(h, inputs, outputs);
     case mx::float16:
-      return std::make_shared<CpuRunner<P, mx::float16_t>>(h, inputs, outputs);
+      return std::make_shared<CpuRunner<P, f16>>(h, inputs, outputs);
     case mx::bfloat16:
-      return std::make_shared<CpuRunner<P, mx::bfloat16_t>>(h, inputs, outputs);
+      return std::make_shared<CpuRunner<P, bf16>>(h, inputs, outputs);
     default:
       throw std::invalid_argument("[adafactor] unsupported gradient dtype.");
   }
@@ -518,9 +519,9 @@ std::shared_ptr<StepRunner> make_cpu_runner(
     case mx::float32:
       return make_runner_p<float>(h, inputs, outputs);
     case mx::float16:
-      return make_runner_p<mx::float16_t>(h, inputs, outputs);
+      return make_runner_p<f16>(h, inputs, outputs);
     case mx::bfloat16:
-      return make_runner_p<mx::bfloat16_t>(h, inputs, outputs);
+      return make_runner_p<bf16>(h, inputs, outputs);
     default:
       throw std::invalid_argument("[adafactor] unsupported parameter dtype.");
   }
