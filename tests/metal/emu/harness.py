@@ -6,6 +6,9 @@ exact-size buffer of the emulator, outputs and scratch start as NaN bytes,
 and the dispatches run in plan order.
 """
 
+import os
+import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -132,9 +135,10 @@ def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
         proc = subprocess.run(
             [str(exe), str(tmp / "job"), str(tmp / "in"), str(tmp / "out")],
             capture_output=True, text=True, timeout=timeout,
+            env=sanitizer_env(),
         )
         if proc.returncode != 0 or "WARNING: ThreadSanitizer" in proc.stderr:
-            raise EmulatorError(proc.returncode, proc.stderr)
+            raise EmulatorError(proc.returncode, symbolize(proc.stderr, exe))
         data = (tmp / "out").read_bytes()
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     result = []
@@ -147,6 +151,37 @@ def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
         new_states.append(result[k + 1:k + 1 + len(st)])
         k += 1 + len(st)
     return new_params, new_states
+
+
+_FRAME = re.compile(r"\((\S*emu_runner)\+(0x[0-9a-f]+)\)")
+
+
+def symbolize(report, exe):
+    """Name file:line in the frames a sanitizer left unresolved (the
+    kernels' frames, whose line tables point at the .metal sources)."""
+    addrs = sorted(set(m.group(2) for m in _FRAME.finditer(report)))
+    addr2line = shutil.which("addr2line")
+    if not addrs or not addr2line:
+        return report
+    out = subprocess.run([addr2line, "-e", str(exe), *addrs],
+                         capture_output=True, text=True).stdout.split("\n")
+    where = dict(zip(addrs, out))
+    return _FRAME.sub(
+        lambda m: f"({m.group(1)}+{m.group(2)}) {where.get(m.group(2), '')}",
+        report)
+
+
+def sanitizer_env():
+    """Environment of the emulator: sanitizer reports name the .metal file
+    and line of each frame (through addr2line, which binutils installs with
+    g++)."""
+    env = dict(os.environ)
+    addr2line = shutil.which("addr2line")
+    if addr2line:
+        for var in ("TSAN_OPTIONS", "ASAN_OPTIONS"):
+            opts = env.get(var, "")
+            env[var] = f"{opts}:external_symbolizer_path={addr2line}".lstrip(":")
+    return env
 
 
 class EmulatorError(RuntimeError):
