@@ -28,7 +28,7 @@ BROKEN = {
         "adafactor_small.metal",
         "const int n = args.n;",
         "const int n = args.n; const float* q = row_old; (void)q;",
-        "with an lvalue of type 'const device float *'",
+        "with an lvalue of type 'device float const *'",
     ),
     "double": (
         "adafactor_flat.metal",
