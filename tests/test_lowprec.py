@@ -59,6 +59,13 @@ def rounder(dtype):
     return lambda x: to64(mx.array(np.asarray(x, np.float32)).astype(dtype))
 
 
+def off_rounded_once(got, expected, peak, dtype_name):
+    """Elements further from the rounded-once float64 run than a flip costs
+    (ROUNDED_ULPS ulps where the value was largest)."""
+    bound = ROUNDED_ULPS * ulp(peak, dtype_name)
+    return int((np.abs(got - expected) > bound).sum())
+
+
 # Every option on the small shapes; the large ones (tiling edges) with the
 # default options, to keep the suite's run time down.
 CASES = [(s, o) for s in SHAPES if math.prod(s) <= 5000 for o in OPTIONS] + [
@@ -97,13 +104,10 @@ def test_error_no_larger_than_stock(dtype_name, shape, option):
         got = results[("fused", compiled)]
         for key, expected in rounded.items():
             if key in ("p", "exp_avg"):
-                err = np.abs(got[key] - expected)
-                # A flip costs an ulp where the value was largest.
-                bound = ROUNDED_ULPS * ulp(peak[key], dtype_name)
-                assert (err <= bound).all(), (
-                    f"{key} (compiled={compiled}): {int((err > bound).sum())} "
-                    f"elements off the rounded-once float64 run; worst "
-                    f"{float(np.max(err - bound)):.3g} over the bound"
+                bad = off_rounded_once(got[key], expected, peak[key], dtype_name)
+                assert bad == 0, (
+                    f"{key} (compiled={compiled}): {bad} elements off the "
+                    "rounded-once float64 run"
                 )
             else:
                 np.testing.assert_allclose(got[key], expected, rtol=STATE_RTOL * 10)
@@ -120,6 +124,20 @@ def test_error_no_larger_than_stock(dtype_name, shape, option):
                 f"{key} (compiled={compiled}): fused error {e_fused:.3g} > "
                 f"stock error {e_stock:.3g} + {slack:.3g}"
             )
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_rounded_once_check_rejects_low_precision_arithmetic(dtype_name):
+    """The check above is not vacuous: stock, which rounds intermediates to
+    the parameter dtype, fails it."""
+    dtype = DTYPES[dtype_name]
+    p0 = rand((31, 33), 21, dtype)
+    gs = grad_seq((31, 33), STEPS, 22, dtype)
+    opt = make("stock")
+    p = run(opt, {"p": p0}, [{"p": g} for g in gs])["p"]
+    peak = {}
+    p64r, _ = run64(to64(p0), [to64(g) for g in gs], round_fn=rounder(dtype), peak=peak)
+    assert off_rounded_once(to64(p), p64r, peak["p"], dtype_name) > 0
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
@@ -333,5 +351,4 @@ def test_gradient_dtype_other_than_parameter_dtype(p_name, g_name, compiled):
                 to64(params[name]), g64, beta_1=0.9, round_fn=rounder(p_dtype), peak=peak
             )
             for key, expected in (("p", p64), ("exp_avg", s64["exp_avg"])):
-                bound = ROUNDED_ULPS * ulp(peak[key], p_name)
-                assert (np.abs(got[key] - expected) <= bound).all(), key
+                assert off_rounded_once(got[key], expected, peak[key], p_name) == 0, key

@@ -348,3 +348,19 @@ def test_lazy_primitive_direct_matches_eager():
             tol = TOL["float32"]["LOOSE" if p.size > 10000 else "STOCK"]
             assert_close_to_max(to64(got), to64(expected), tol, f"direct slot {i}")
             i += 1
+
+
+def test_parity_check_catches_a_small_error():
+    """The comparison is not vacuous: a 3e-5 relative error in one element
+    of one state entry (on both fused paths alike) fails it."""
+    shape = (31, 32)
+    params = {"p": rand(shape, 1)}
+    grads = [{"p": g} for g in grad_seq(shape, 3, 2)]
+    out = three_runs({}, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], "clean")
+    for path in ("eager", "lazy"):
+        row = np.array(out[path][1]["p"]["exp_avg_sq_row"])
+        row[7] *= 1 + 3e-5 * row.max() / row[7]
+        out[path][1]["p"]["exp_avg_sq_row"] = mx.array(row)
+    with pytest.raises(AssertionError, match="exp_avg_sq_row"):
+        check_fused_paths(out, TOL["float32"]["STOCK"], "corrupted")
