@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from common import assert_trees_equal, grad_seq, rand, run
+from afhelpers import assert_trees_equal, grad_seq, rand, run
 from mlx_fused_adafactor import Adafactor, _ext
 
 # Shapes whose work is split into many tiles and spread over the pool

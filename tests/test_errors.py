@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-from common import (
+from afhelpers import (
     StockAdafactor,
     assert_trees_close,
     assert_unchanged,

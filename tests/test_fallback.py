@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_fused_adafactor.optimizer as fused_module
-from common import (
+from afhelpers import (
     DTYPES,
     assert_close_to_max,
     assert_trees_close,

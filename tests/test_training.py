@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from common import assert_trees_close, make
+from afhelpers import assert_trees_close, make
 
 STEPS = 30
 LOSS_RTOL = 1e-5
