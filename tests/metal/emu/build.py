@@ -169,7 +169,8 @@ def lint(source, include_dirs=()):
     gen_dir.mkdir(parents=True, exist_ok=True)
     gen = gen_dir / f"{source.stem}-{os.getpid()}-{_digest([source], 'lint')}.cpp"
     gen.write_text(rewrite(source.read_text(), str(source), "lint"))
-    incs = [f"-I{d}" for d in include_dirs] + [f"-I{INCLUDE}", f"-I{KERNELS}"]
+    # The test doubles first: they stand in for MLX's own kernel headers.
+    incs = [f"-I{INCLUDE}"] + [f"-I{d}" for d in include_dirs] + [f"-I{KERNELS}"]
     proc = _run([*clang(), *LINT, *incs, str(gen)])
     gen.unlink()
     return proc

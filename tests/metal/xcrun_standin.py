@@ -1,0 +1,48 @@
+"""A stand-in for `xcrun -sdk macosx metal` on Linux, for the build test.
+
+Compiling (`-c SRC -o OUT.air`) runs the Metal lint (emu.build.lint) on SRC
+with the -I directories given and writes a placeholder AIR file naming SRC,
+plus the depfile asked for with -MF. Linking (`*.air -o LIB.metallib`)
+writes a placeholder library listing the sources of its AIR files.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from emu import build  # noqa: E402
+
+
+def main(argv):
+    args = list(argv)
+    if args[:2] == ["-sdk", "macosx"]:
+        args = args[2:]
+    if not args or args[0] != "metal":
+        print(f"xcrun stand-in: unsupported command {argv}", file=sys.stderr)
+        return 2
+    args = args[1:]
+    if "--help" in args:
+        print("OVERVIEW: stand-in metal compiler")
+        return 0
+    out = Path(args[args.index("-o") + 1])
+    if "-c" in args:
+        src = Path(args[args.index("-c") + 1])
+        incs = [a[2:] for a in args if a.startswith("-I")]
+        proc = build.lint(src, include_dirs=incs)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            return 1
+        out.write_text(f"placeholder AIR of {src}\n")
+        if "-MF" in args:
+            dep = Path(args[args.index("-MF") + 1])
+            dep.write_text(f"{out}: {src}\n")
+        return 0
+    airs = [Path(a) for a in args if a.endswith(".air")]
+    sources = [a.read_text().split(" of ", 1)[1].strip() for a in airs]
+    out.write_text("placeholder metallib\n" + "\n".join(sources) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
