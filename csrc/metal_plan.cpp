@@ -305,4 +305,35 @@ Plan make_plan(const AdafactorHyper& h, const std::vector<TensorDesc>& tensors) 
   return plan;
 }
 
+std::string dtype_token(mx::Dtype t) {
+  switch (t) {
+    case mx::float32:
+      return "float32";
+    case mx::float16:
+      return "float16";
+    case mx::bfloat16:
+      return "bfloat16";
+    default:
+      throw std::invalid_argument(
+          "[adafactor] the Metal kernels take float32, float16 and bfloat16.");
+  }
+}
+
+std::vector<TensorDesc> describe_inputs(
+    const std::vector<mx::array>& inputs,
+    bool momentum) {
+  std::vector<TensorDesc> tensors;
+  size_t in = kFirstTensorIdx;
+  while (in < inputs.size()) {
+    const auto& p = inputs[in + kParamIdx];
+    const auto& g = inputs[in + kGradIdx];
+    tensors.push_back(
+        {std::vector<int64_t>(p.shape().begin(), p.shape().end()),
+         dtype_token(p.dtype()), dtype_token(g.dtype()),
+         static_cast<int>(p.itemsize()), static_cast<int>(g.itemsize())});
+    in += num_inputs(is_factored(p), momentum);
+  }
+  return tensors;
+}
+
 } // namespace mlx_fused_adafactor::metal_plan

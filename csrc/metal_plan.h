@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "mlx/array.h"
+
 #include "adafactor_args.h"
 #include "adafactor_math.h"
 
@@ -74,5 +76,14 @@ AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small);
 // The plan of one step; tensors in the order of the primitive's inputs.
 // Throws std::invalid_argument for tensors the kernels cannot index.
 Plan make_plan(const AdafactorHyper& h, const std::vector<TensorDesc>& tensors);
+
+// MLX's name of a float dtype, as in the kernels' host names ("float32",
+// "float16", "bfloat16"); throws for other dtypes.
+std::string dtype_token(mlx::core::Dtype t);
+
+// The tensors of the primitive's inputs (NOTE: [slot layout]).
+std::vector<TensorDesc> describe_inputs(
+    const std::vector<mlx::core::array>& inputs,
+    bool momentum);
 
 } // namespace mlx_fused_adafactor::metal_plan
