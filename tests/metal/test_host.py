@@ -7,12 +7,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import mlx
+import mlx.core
 
 from emu import build
 
 HERE = Path(__file__).resolve().parent
-MLX_INCLUDE = Path(mlx.__file__).parent / "include"
+MLX_INCLUDE = Path(mlx.core.__file__).parent / "include"
 
 
 def check(defines):
