@@ -1,16 +1,78 @@
 // Python bindings of the Metal launch plan (kernels/*.metal): the dispatches
 // of one GPU step and the bytes they move, computed on any platform.
 
+#include <set>
+#include <unordered_set>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
+
+#include "mlx/array.h"
+#include "mlx/primitives.h"
 
 #include "metal_plan.h"
 
 namespace nb = nanobind;
 namespace mp = mlx_fused_adafactor::metal_plan;
+namespace mx = mlx::core;
 
 namespace {
+
+// Primitives that make a view of their input: no data moves.
+bool is_view(const std::string& name) {
+  static const std::set<std::string> views = {
+      "AsStrided", "Broadcast", "BroadcastAxes", "Depends", "ExpandDims",
+      "Flatten", "Reshape", "Squeeze", "StopGradient", "Transpose",
+      "Unflatten"};
+  return views.count(name) > 0;
+}
+
+// Bytes an array's data occupies: a view's are its source's.
+int64_t data_bytes(const mx::array& a) {
+  if (a.has_primitive() && is_view(a.primitive().name())) {
+    return data_bytes(a.inputs()[0]);
+  }
+  return a.nbytes();
+}
+
+// The nodes of the graph of `outputs`, stopping at `stop` (a function's
+// inputs): one (primitive, bytes read, bytes written) per primitive.
+nb::list graph_nodes(
+    const std::vector<mx::array>& outputs,
+    const std::vector<mx::array>& stop) {
+  std::unordered_set<uintptr_t> seen;
+  for (const auto& a : stop) {
+    seen.insert(a.id());
+  }
+  std::unordered_set<uintptr_t> prims;
+  nb::list nodes;
+  std::vector<mx::array> todo(outputs.begin(), outputs.end());
+  while (!todo.empty()) {
+    mx::array a = todo.back();
+    todo.pop_back();
+    if (!seen.insert(a.id()).second || !a.has_primitive()) {
+      continue;
+    }
+    if (prims.insert(a.primitive_id()).second) {
+      const std::string name = a.primitive().name();
+      int64_t read = 0, written = 0;
+      if (!is_view(name)) {
+        for (const auto& in : a.inputs()) {
+          read += data_bytes(in);
+        }
+        for (const auto& out : a.outputs()) {
+          written += out.nbytes();
+        }
+      }
+      nodes.append(nb::make_tuple(name, read, written));
+    }
+    for (const auto& in : a.inputs()) {
+      todo.push_back(in);
+    }
+  }
+  return nodes;
+}
 
 const char* source_name(mp::Source s) {
   switch (s) {
@@ -104,4 +166,11 @@ void bind_metal_plan(nb::module_& m) {
       nb::arg("beta1"), nb::arg("one_minus_beta1"), nb::arg("weight_decay"),
       nb::arg("flags"),
       "The Metal launch plan of one step (dispatches, bindings, scratch).");
+  m.def(
+      "graph_nodes",
+      &graph_nodes,
+      nb::arg("outputs"),
+      nb::arg("stop") = std::vector<mx::array>{},
+      "(primitive, bytes read, bytes written) of each node of the graph of "
+      "`outputs` down to `stop`; views move no bytes.");
 }
