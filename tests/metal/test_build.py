@@ -17,6 +17,13 @@ from mlx_fused_adafactor._build import ext
 HERE = Path(__file__).resolve().parent
 
 
+def tool(name):
+    """`name` from the test environment's own bin directory (setup.sh may
+    pip-install it there), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
 @pytest.fixture(scope="module")
 def configured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("metal-build")
@@ -29,21 +36,24 @@ def configured(tmp_path_factory):
     xcrun.chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
     bdir = tmp / "build"
-    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    cmake = tool("cmake")
+    assert cmake, "no cmake: run tests/metal/setup.sh"
+    ninja = tool("ninja")
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
     cmd = [
-        "cmake", "-S", str(build.ROOT), "-B", str(bdir), *gen,
+        cmake, "-S", str(build.ROOT), "-B", str(bdir), *gen,
         "-DMFA_BUILD_METALLIB=ON", f"-DPython_EXECUTABLE={sys.executable}",
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = subprocess.run(
-        ["cmake", "--build", str(bdir), "--target",
+        [cmake, "--build", str(bdir), "--target",
          "mlx_fused_adafactor_metallib"],
         env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     prefix = tmp / "prefix"
     proc = subprocess.run(
-        ["cmake", "--install", str(bdir), "--component", "metallib",
+        [cmake, "--install", str(bdir), "--component", "metallib",
          "--prefix", str(prefix)],
         env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
