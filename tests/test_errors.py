@@ -192,6 +192,15 @@ BAD_HYPER = [
     ({"beta_1": 1.5}, "beta_1"),
     ({"weight_decay": -0.01}, "weight_decay"),
     ({"relative_step": False}, "learning_rate"),
+    ({"relative_step": False, "learning_rate": None}, "learning_rate"),
+    ({"clip_threshold": None}, "clip_threshold"),
+    ({"clip_threshold": float("nan")}, "clip_threshold"),
+    ({"decay_rate": "fast"}, "decay_rate"),
+    ({"decay_rate": float("nan")}, "decay_rate"),
+    ({"beta_1": "0.9"}, "beta_1"),
+    ({"beta_1": float("nan")}, "beta_1"),
+    ({"weight_decay": None}, "weight_decay"),
+    ({"weight_decay": float("nan")}, "weight_decay"),
 ]
 
 
