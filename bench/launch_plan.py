@@ -16,12 +16,13 @@ from . import sets as sets_mod
 from .common import dtype_name
 
 
-def available():
+def _call(fn, tree):
+    """``fn(tree)`` as a dict, or ``{"error": ...}`` when this build of the
+    package cannot compute it."""
     try:
-        from mlx_fused_adafactor import metal_plan  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        return dict(fn(tree))
+    except Exception as e:  # noqa: BLE001 - report any failure of the plan code
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def run(set_list, dtypes):
@@ -34,8 +35,8 @@ def run(set_list, dtypes):
     for key, _, shapes in set_list:
         for dtype in dtypes:
             tree = {name: mx.zeros(shape, dtype=dtype) for name, shape in shapes.items()}
-            plan = dict(metal_plan.plan_summary(tree))
-            stock = dict(metal_plan.stock_graph_summary(tree))
+            plan = _call(metal_plan.plan_summary, tree)
+            stock = _call(metal_plan.stock_graph_summary, tree)
             rows.append({
                 "set": key,
                 "dtype": dtype_name(dtype),
@@ -43,10 +44,13 @@ def run(set_list, dtypes):
                 "fused_bytes_read": plan.get("bytes_read"),
                 "fused_bytes_written": plan.get("bytes_written"),
                 "stock_nodes": stock.get("nodes"),
+                "stock_kernel_nodes": stock.get("kernel_nodes"),
                 "stock_bytes_read": stock.get("bytes_read"),
                 "stock_bytes_written": stock.get("bytes_written"),
                 "param_bytes": plan.get("param_bytes", stock.get("param_bytes")),
                 "min_bytes": 6 * sets_mod.num_values(shapes) * dtype.size,
+                "fused_error": plan.get("error"),
+                "stock_error": stock.get("error"),
             })
     return rows
 

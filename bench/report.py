@@ -117,11 +117,20 @@ def training_table(training):
 
 def plan_table(plan):
     header = ["set", "dtype", "fused dispatches", "fused MB read", "fused MB written",
-              "stock graph nodes", "stock MB read", "stock MB written", "minimal MB"]
-    body = [[p["set"], p["dtype"], p["fused_dispatches"], _mb(p["fused_bytes_read"]),
-             _mb(p["fused_bytes_written"]), p["stock_nodes"], _mb(p["stock_bytes_read"]),
-             _mb(p["stock_bytes_written"]), _mb(p["min_bytes"])] for p in plan]
-    return _table(header, body)
+              "stock graph nodes (kernels)", "stock MB read", "stock MB written",
+              "minimal MB"]
+    body = []
+    for p in plan:
+        nodes = "-" if p["stock_nodes"] is None else f"{p['stock_nodes']} ({p['stock_kernel_nodes']})"
+        body.append([p["set"], p["dtype"], p["fused_dispatches"] or "-",
+                     _mb(p["fused_bytes_read"]), _mb(p["fused_bytes_written"]), nodes,
+                     _mb(p["stock_bytes_read"]), _mb(p["stock_bytes_written"]),
+                     _mb(p["min_bytes"])])
+    errors = sorted({e for p in plan for e in (p["fused_error"], p["stock_error"]) if e})
+    text = _table(header, body)
+    if errors:
+        text += "\n\nNot computed: " + "; ".join(errors)
+    return text
 
 
 def machine_line(result):

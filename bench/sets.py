@@ -85,7 +85,7 @@ NAMED = {
 }
 
 DEFAULT_SETS = ("gpt2", "llama", "sweep", "many-1k", "many-256")
-QUICK_SETS = ("gpt2", "sweep", "many-1k")
+QUICK_SETS = ("sweep", "many-1k")
 QUICK_SWEEP_SIZES = (256, 512, 1024, 2048)
 
 
