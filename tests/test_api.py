@@ -16,7 +16,6 @@ from afhelpers import (
     StockAdafactor,
     assert_trees_close,
     assert_trees_equal,
-    flat,
     grad_seq,
     make,
     rand,

@@ -8,12 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
-import pytest
 
 from afhelpers import assert_trees_equal, grad_seq, rand, run
-from mlx_fused_adafactor import Adafactor, _ext
+from mlx_fused_adafactor import Adafactor
 
 # Shapes whose work is split into many tiles and spread over the pool
 # (NOTE [tiles]): several row blocks, several column blocks (9000 columns),

@@ -1,7 +1,6 @@
 """Bad input: a clear error naming the parameter path, and nothing changed
 (params, every state entry and the step count are what they were)."""
 
-import math
 import re
 import warnings
 

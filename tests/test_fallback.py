@@ -10,7 +10,6 @@ real (mx.compile of adafactor_reference, on the CPU stream MLX actually uses).
 import warnings
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -20,11 +19,9 @@ from afhelpers import (
     assert_close_to_max,
     assert_trees_close,
     assert_unchanged,
-    flat,
     grad_seq,
     max_abs,
     max_err,
-    make,
     rand,
     run,
     snapshot,

@@ -17,7 +17,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from afhelpers import (
     DTYPES,
-    StockAdafactor,
     flat,
     grad_seq,
     make,

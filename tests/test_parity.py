@@ -7,8 +7,6 @@ steps. Eager and lazy run the same CPU code with the same tiles, so they must
 agree bitwise with each other.
 """
 
-import math
-
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np

@@ -3,7 +3,7 @@ item 4), and the lazy primitive is the eager step (NOTE [eager step])."""
 
 import mlx.core as mx
 import mlx_fused_adafactor.optimizer as fused_module
-from afhelpers import assert_trees_equal, grad_seq, rand, run
+from afhelpers import assert_trees_equal, rand, run
 from mlx_fused_adafactor import Adafactor, _ext
 
 
