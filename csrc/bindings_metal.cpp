@@ -167,6 +167,27 @@ void bind_metal_plan(nb::module_& m) {
       nb::arg("flags"),
       "The Metal launch plan of one step (dispatches, bindings, scratch).");
   m.def(
+      "metal_plan_for_inputs",
+      [](const std::vector<mx::array>& inputs,
+         float eps1,
+         float eps2,
+         float clip_threshold,
+         float decay_rate,
+         float beta1,
+         float one_minus_beta1,
+         float weight_decay,
+         int flags) {
+        AdafactorHyper h{eps1, eps2, clip_threshold, decay_rate, beta1,
+                         one_minus_beta1, weight_decay, flags};
+        return plan_to_dict(mp::make_plan(
+            h, mp::describe_inputs(inputs, flags & AF_MOMENTUM)));
+      },
+      nb::arg("inputs"), nb::arg("eps1"), nb::arg("eps2"),
+      nb::arg("clip_threshold"), nb::arg("decay_rate"), nb::arg("beta1"),
+      nb::arg("one_minus_beta1"), nb::arg("weight_decay"), nb::arg("flags"),
+      "The plan eval_gpu encodes for the primitive's `inputs` "
+      "(NOTE: [slot layout]).");
+  m.def(
       "graph_nodes",
       &graph_nodes,
       nb::arg("outputs"),

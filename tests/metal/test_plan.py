@@ -8,7 +8,7 @@ import subprocess
 import mlx.core as mx
 import pytest
 
-from emu import harness
+from emu import harness, oracle
 from mlx_fused_adafactor._build import ext
 from mlx_fused_adafactor.metal_plan import plan_summary, stock_graph_summary
 
@@ -47,6 +47,20 @@ def test_bindings_match_declared_buffers(declared, momentum):
                 got = [b["index"] for b in d["bindings"]]
                 assert len(got) == len(set(got)), d["kernel"]
                 assert set(got) == declared[d["kernel"]], d["kernel"]
+
+
+def test_host_plan_equals_the_plan_from_shapes():
+    """eval_gpu describes the primitive's inputs itself (describe_inputs);
+    its plan is the one of the shapes and dtypes."""
+    shapes = [(33,), (5000,), (40, 130), (2, 3, 1000)]
+    hyper = harness.hyper_args(beta_1=0.9)
+    params = [mx.zeros(s, mx.bfloat16) for s in shapes]
+    grads = [mx.zeros(s, mx.float32) for s in shapes]
+    states = [oracle.init_state(s, True, mx.bfloat16) for s in shapes]
+    inputs, _ = harness.slot_arrays(
+        mx.array(1.0), mx.array(0.0), params, grads, states)
+    assert ext.metal_plan_for_inputs(inputs, *hyper) == plan(
+        shapes, "bfloat16", "float32", beta_1=0.9)
 
 
 def test_grids_cover_every_element_once():

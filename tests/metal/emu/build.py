@@ -56,7 +56,9 @@ LINT = [
     "-fno-exceptions",
     "-fno-rtti",
     "-Werror",
+    # As mlx_build_metallib compiles them.
     "-Wall",
+    "-Wextra",
     "-Wdouble-promotion",
     "-target",
     "x86_64-linux-gnu",

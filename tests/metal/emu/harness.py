@@ -1,7 +1,7 @@
 """Run one fused Adafactor step on the emulator, through the launch plan.
 
-The plan comes from the extension (`metal_plan`, the code the Metal host
-encodes); every array, scratch region and by-value argument becomes its own
+The plan comes from the extension (`metal_plan_for_inputs`: the code that
+eval_gpu runs on the primitive's inputs); every array, scratch region and by-value argument becomes its own
 exact-size buffer of the emulator, outputs and scratch start as NaN bytes,
 and the dispatches run in plan order.
 """
@@ -53,17 +53,6 @@ def hyper_args(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
             weight_decay, flags)
 
 
-def plan_for(params, grads, hyper):
-    return ext.metal_plan(
-        [list(p.shape) for p in params],
-        [dtype_token(p.dtype) for p in params],
-        [dtype_token(g.dtype) for g in grads],
-        [p.itemsize for p in params],
-        [g.itemsize for g in grads],
-        *hyper,
-    )
-
-
 def slot_arrays(step, lr, params, grads, states):
     """Inputs of the primitive (NOTE: [slot layout]) and the dtype and shape
     of each output."""
@@ -84,10 +73,11 @@ def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
     `alias`: outputs the plan lets take their input's buffer share it, as
     on a Metal device when MLX donates the input. Raises EmulatorError with
     the emulator's output when it fails (sanitizer reports included)."""
-    plan = plan or plan_for(params, grads, hyper)
     step = mx.array(step, mx.float32)
     lr = mx.array(lr, mx.float32)
     inputs, outputs = slot_arrays(step, lr, params, grads, states)
+    # The plan eval_gpu would encode for these inputs.
+    plan = plan or ext.metal_plan_for_inputs(inputs, *hyper)
     sizes, blobs = [], []
 
     def add(blob):
