@@ -1,7 +1,7 @@
 // Declarations of the metal-cpp names that MLX's Metal host headers
 // (mlx/backend/metal/device.h) mention, so that csrc/adafactor_gpu.cpp can
 // be type-checked with _METAL_ on Linux against MLX's real host API
-// (tests/metal/test_host.py). Nothing here is ever linked or run.
+// (tests/metal/test_metal_host.py). Nothing here is ever linked or run.
 
 #pragma once
 
