@@ -499,3 +499,18 @@ def test_module_with_non_array_attributes_and_frozen_layer(compiled):
         out[kind] = (losses, model.parameters(), opt.state)
     np.testing.assert_allclose(out["fused"][0], out["stock"][0], rtol=1e-5)
     assert_trees_close(out["fused"][1:], out["stock"][1:], TOL, "module with config")
+
+
+def test_alternating_eager_and_compiled_steps():
+    """State arrays pass between the eager path (buffer-cache outputs) and
+    the compiled primitive (donated inputs) and back: bitwise the all-eager
+    run."""
+    params = nested_params()
+    grads = [grads_for(params, i) for i in range(6)]
+    ref = Adafactor(beta_1=0.9)
+    p_ref = run(ref, params, grads)
+    opt = Adafactor(beta_1=0.9)
+    p = params
+    for i, g in enumerate(grads):
+        p = run(opt, p, [g], compiled=bool(i % 2))
+    assert_trees_equal((p, opt.state), (p_ref, ref.state), "alternating")
