@@ -355,3 +355,29 @@ def test_nan_parameter_propagates_as_stock():
         opt = make(kind)
         out[kind] = (run(opt, {"p": p0}, [{"p": g} for g in gs]), opt.state)
     assert_trees_close(out["fused"], out["stock"], 1e-5, "nan param")
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape,index,value",
+    [((6, 7), (2, 3), float("nan")), ((6, 7), (0, 0), float("inf")), ((9,), (4,), float("nan")),
+     ((9,), (0,), -float("inf"))],
+)
+def test_nan_inf_pattern_as_stock_in_low_precision(dtype, shape, index, value):
+    # Values differ by design in low precision (float32 math); where NaN and
+    # Inf end up must not.
+    p0 = rand(shape, 1, dtype)
+    gs = grad_seq(shape, 3, 2, dtype)
+    bad = np.array(gs[1].astype(mx.float32))
+    bad[index] = value
+    gs[1] = mx.array(bad).astype(dtype)
+    out = {}
+    for kind in ("stock", "fused"):
+        opt = make(kind, beta_1=0.9)
+        out[kind] = flat((run(opt, {"p": p0}, [{"p": g} for g in gs]), opt.state))
+    assert sorted(out["fused"]) == sorted(out["stock"])
+    for k, expected in out["stock"].items():
+        got = out["fused"][k]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=k)
+        np.testing.assert_array_equal(np.isposinf(got), np.isposinf(expected), err_msg=k)
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(expected), err_msg=k)
