@@ -248,6 +248,28 @@ def test_bf16_beta2_does_not_freeze(decay_rate, freeze_step):
             np.testing.assert_allclose(fused_after[k], expected[key], rtol=1e-5)
 
 
+@pytest.mark.parametrize("decay_rate,freeze_step", [(-0.8, 2424), (-0.997, 520)])
+def test_bf16_beta2_freeze_step_is_exact(decay_rate, freeze_step):
+    """The regression's step numbers: stock's bfloat16 second moment still
+    moves at freeze_step - 1 and no longer at freeze_step; the fused one
+    moves at both."""
+    p = {"w": rand((4, 6), 1, mx.bfloat16)}
+    g0 = {"w": rand((4, 6), 2, mx.bfloat16)}
+    g1 = {"w": (10.0 * rand((4, 6), 3)).astype(mx.bfloat16)}
+    for kind, moves_at_freeze in (("stock", False), ("fused", True)):
+        for t, moves in ((freeze_step - 1, True), (freeze_step, moves_at_freeze)):
+            opt = make(kind, decay_rate=decay_rate)
+            opt.apply_gradients(g0, p)
+            state = _roundtrip(opt.state)
+            state["step"] = mx.array(t - 1, mx.uint64)
+            opt.state = state
+            before = flat(opt.state["w"])
+            opt.apply_gradients(g1, p)
+            after = flat(opt.state["w"])
+            changed = all(max_err(after[k], before[k]) > 0 for k in before)
+            assert changed == moves, (kind, t)
+
+
 def test_bf16_beta2_real_steps_past_freeze():
     """520 real steps with decay_rate -0.997 on a tiny tensor: the fused
     second moment matches float64 the whole way (stock's is frozen)."""
