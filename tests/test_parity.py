@@ -370,3 +370,21 @@ def test_parity_check_catches_a_small_error():
         out[path][1]["p"]["exp_avg_sq_row"] = mx.array(row)
     with pytest.raises(AssertionError, match="exp_avg_sq_row"):
         check_fused_paths(out, TOL["float32"]["STOCK"], "corrupted")
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=["f32", "bf16", "fp16"])
+def test_noncontiguous_inputs_equal_contiguous_copies(dtype):
+    params, grads = noncontiguous_inputs()
+    params = {k: v.astype(dtype) for k, v in params.items()}
+    params["t"] = rand((40, 33), 9, dtype).T  # transposed in the dtype itself
+    grads = [{k: v.astype(dtype) for k, v in g.items()} for g in grads]
+    copy = lambda x: mx.array(np.array(x.astype(mx.float32))).astype(dtype)  # noqa: E731
+    results = []
+    for p, gs in ((params, grads), ({k: copy(v) for k, v in params.items()},
+                                    [{k: copy(v) for k, v in g.items()} for g in grads])):
+        for compiled in (False, True):
+            opt = make("fused", beta_1=0.9)
+            new = run(opt, p, gs, compiled=compiled)
+            results.append((new, opt.state))
+    for other in results[1:]:
+        assert_trees_equal(other, results[0], "non-contiguous vs copies")
