@@ -376,8 +376,10 @@ def test_parity_check_catches_a_small_error():
 def test_noncontiguous_inputs_equal_contiguous_copies(dtype):
     params, grads = noncontiguous_inputs()
     params = {k: v.astype(dtype) for k, v in params.items()}
-    params["t"] = rand((40, 33), 9, dtype).T  # transposed in the dtype itself
+    params["t"] = rand((33, 40), 9, dtype).T  # transposed in the dtype itself
     grads = [{k: v.astype(dtype) for k, v in g.items()} for g in grads]
+    for i, g in enumerate(grads):
+        g["t"] = grad_seq((33, 40), 1, 500 + i, dtype)[0].T
     copy = lambda x: mx.array(np.array(x.astype(mx.float32))).astype(dtype)  # noqa: E731
     results = []
     for p, gs in ((params, grads), ({k: copy(v) for k, v in params.items()},
