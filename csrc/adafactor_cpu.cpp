@@ -78,6 +78,14 @@ struct Tensor {
   AdafactorTensorScalars ts;
 };
 
+// NOTE: [chunked sums]
+// A float32 running sum over n terms loses about sqrt(n) ulps; a tile of a
+// tall matrix (N, 1) holds 65536 rows, which made its column sums and sum(p^2)
+// as inexact as MLX's own reductions (~2e-5 relative). Sums therefore run in
+// chunks of kSumChunk rows (or elements), and the chunk sums are folded into
+// the tile's sum. The order is still fixed by the shapes alone.
+constexpr int64_t kSumChunk = 256;
+
 struct Item {
   uint32_t tensor;
   uint32_t b; // matrix within the tensor (factored)
@@ -243,37 +251,56 @@ class CpuStep {
       const int64_t w = c1 - c0;
       float* col = scratch.data() + x.col_part + (it.b * x.nrb + it.i) * x.C + c0;
       std::fill(col, col + w, 0.0f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = (it.b * x.R + r) * x.C + c0;
-        const P* p = x.p + base;
-        const G* g = x.g + base;
-        float rs = 0.0f;
-        float ps = 0.0f;
+      // Sum in chunks of rows, then fold (NOTE: [chunked sums]).
+      float col_chunk[AF_CPU_COL_BLOCK];
+      for (int64_t rc = r0; rc < r1; rc += kSumChunk) {
+        const int64_t rc1 = std::min<int64_t>(r1, rc + kSumChunk);
+        std::fill(col_chunk, col_chunk + w, 0.0f);
+        float pp_chunk = 0.0f;
+        for (int64_t r = rc; r < rc1; ++r) {
+          const int64_t base = (it.b * x.R + r) * x.C + c0;
+          const P* p = x.p + base;
+          const G* g = x.g + base;
+          float rs = 0.0f;
+          float ps = 0.0f;
 #pragma omp simd reduction(+ : rs, ps)
-        for (int64_t c = 0; c < w; ++c) {
-          float s = adafactor_sq_grad(load(g, c), h);
-          rs += s;
-          col[c] += s;
-          float pv = load(p, c);
-          ps += pv * pv;
+          for (int64_t c = 0; c < w; ++c) {
+            float s = adafactor_sq_grad(load(g, c), h);
+            rs += s;
+            col_chunk[c] += s;
+            float pv = load(p, c);
+            ps += pv * pv;
+          }
+          scratch[x.row_part + (it.b * x.R + r) * x.ncb + it.j] = rs;
+          pp_chunk += ps;
         }
-        scratch[x.row_part + (it.b * x.R + r) * x.ncb + it.j] = rs;
-        pp += ps;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) {
+          col[c] += col_chunk[c];
+        }
+        pp += pp_chunk;
       }
     } else {
       int64_t lo, hi;
       flat_range(x, it, lo, hi);
       const AdafactorStepScalars s = s_;
       float us = 0.0f;
-#pragma omp simd reduction(+ : pp, us)
-      for (int64_t e = lo; e < hi; ++e) {
-        float pv = load(x.p, e);
-        pp += pv * pv;
-        float sq = adafactor_ema(
-            x.s0[e], adafactor_sq_grad(load(x.g, e), h), s);
-        x.s0_out[e] = sq;
-        float u = adafactor_flat_update(sq, load(x.g, e));
-        us += u * u;
+      for (int64_t ec = lo; ec < hi; ec += kSumChunk) {
+        const int64_t ec1 = std::min<int64_t>(hi, ec + kSumChunk);
+        float pp_chunk = 0.0f;
+        float us_chunk = 0.0f;
+#pragma omp simd reduction(+ : pp_chunk, us_chunk)
+        for (int64_t e = ec; e < ec1; ++e) {
+          float pv = load(x.p, e);
+          pp_chunk += pv * pv;
+          float sq = adafactor_ema(
+              x.s0[e], adafactor_sq_grad(load(x.g, e), h), s);
+          x.s0_out[e] = sq;
+          float u = adafactor_flat_update(sq, load(x.g, e));
+          us_chunk += u * u;
+        }
+        pp += pp_chunk;
+        us += us_chunk;
       }
       sum_u2[k] = us;
     }
@@ -344,16 +371,21 @@ class CpuStep {
     const int64_t w = c1 - c0;
     const float* col_fac = scratch.data() + x.col_fac + it.b * x.C + c0;
     float us = 0.0f;
-    for (int64_t r = r0; r < r1; ++r) {
-      const float rf = scratch[x.row_fac + it.b * x.R + r];
-      const G* g = x.g + (it.b * x.R + r) * x.C + c0;
-      float acc = 0.0f;
+    for (int64_t rc = r0; rc < r1; rc += kSumChunk) {
+      const int64_t rc1 = std::min<int64_t>(r1, rc + kSumChunk);
+      float us_chunk = 0.0f;
+      for (int64_t r = rc; r < rc1; ++r) {
+        const float rf = scratch[x.row_fac + it.b * x.R + r];
+        const G* g = x.g + (it.b * x.R + r) * x.C + c0;
+        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < w; ++c) {
-        float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
-        acc += u * u;
+        for (int64_t c = 0; c < w; ++c) {
+          float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
+          acc += u * u;
+        }
+        us_chunk += acc;
       }
-      us += acc;
+      us += us_chunk;
     }
     sum_u2[k] = us;
   }
