@@ -35,7 +35,7 @@ HEADER = (
 # AF_MUT value: (what breaks, [(source text, replacement), ...]).
 MUTATIONS = {
     1: ("column partial sums drop the last column of every tile", [
-        ("          col[c] += s;\n", "          if (kMut != 1 || c + 1 < w) col[c] += s;\n"),
+        ("col_chunk[c] += s;", "if (kMut != 1 || c + 1 < w) col_chunk[c] += s;"),
     ]),
     2: ("row mean divides by the column count", [
         ("row_total * inv_r", "row_total * (kMut == 2 ? inv_c : inv_r)"),
