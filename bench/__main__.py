@@ -94,7 +94,7 @@ def main(argv=None):
     if arms_mod.torch_available():
         import torch
 
-        torch_version = torch.__version__
+        torch_version = f"{torch.__version__} ({torch.get_num_threads()} threads)"
     elif any(a in arms_mod.TORCH_ARMS for a in arm_names):
         arm_names = [a for a in arm_names if a not in arms_mod.TORCH_ARMS]
         hint = ("PyTorch is not installed, so the torch.optim.Adafactor arms "

@@ -28,7 +28,7 @@ class Budget:
     seconds: float = 2.0
 
 
-DEFAULT_BUDGET = Budget()
+DEFAULT_BUDGET = Budget(warmup=2, min_reps=5, max_reps=30, seconds=1.5)
 QUICK_BUDGET = Budget(warmup=2, min_reps=3, max_reps=10, seconds=0.3)
 
 
@@ -44,6 +44,25 @@ def time_steps(step, budget):
         step()
         times.append(time.perf_counter() - t0)
         if len(times) >= budget.min_reps and t0 - start >= budget.seconds:
+            break
+    return times
+
+
+def time_interleaved(steps, budget):
+    """Time several step functions round-robin, one step of each per round,
+    so that load from other processes falls on all of them alike; return
+    ``{name: durations}``."""
+    for _ in range(budget.warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
+    start = time.perf_counter()
+    for n in range(1, budget.max_reps + 1):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+        if n >= budget.min_reps and time.perf_counter() - start >= budget.seconds:
             break
     return times
 

@@ -20,7 +20,7 @@ import mlx.optimizers
 
 import mlx_fused_adafactor
 
-from .common import Budget, release_memory, summarize, time_steps
+from .common import Budget, release_memory, summarize, time_interleaved
 
 ARMS = ("mlx-stock", "mlx-stock-compiled", "fused", "fused-compiled")
 
@@ -109,18 +109,18 @@ def _make_step(arm, cfg):
 
 
 def run(cfg, budget, progress, arms=ARMS):
-    """Steps per second of each arm; returns the result dict."""
+    """Steps per second of each arm, timed round-robin (one step of each arm
+    per round); returns the result dict."""
+    release_memory()
+    progress.label("training: " + ", ".join(arms))
+    made = {arm: _make_step(arm, cfg) for arm in arms}
+    times = time_interleaved({arm: m[0] for arm, m in made.items()}, budget)
     rows = []
-    n_params = None
-    for arm in arms:
-        progress.label(f"training {arm}")
-        release_memory()
-        step, opt, n_params = _make_step(arm, cfg)
-        times = time_steps(step, budget)
+    for arm, (_, opt, n_params) in made.items():
         done = int(opt.state["step"].item())
-        if done != budget.warmup + len(times):
+        if done != budget.warmup + len(times[arm]):
             raise RuntimeError(f"bench: training arm {arm} did not update its state")
-        row = {"arm": arm, **summarize(times)}
+        row = {"arm": arm, **summarize(times[arm])}
         row["steps_per_second"] = 1e3 / row["median_ms"]
         rows.append(row)
         progress.advance()
@@ -129,12 +129,14 @@ def run(cfg, budget, progress, arms=ARMS):
         for key, arm in (("speedup_vs_stock", "mlx-stock"),
                          ("speedup_vs_stock_compiled", "mlx-stock-compiled")):
             r[key] = base[arm] / r["median_ms"] if arm in base else None
+    del made
     release_memory()
     return {"config": asdict(cfg), "n_params": n_params, "dtype": "float32",
+            "timing": "round-robin: one step of each arm per round",
             "budget": asdict(budget), "rows": rows}
 
 
-TRAINING_BUDGET = Budget(warmup=3, min_reps=24, max_reps=40, seconds=10.0)
+TRAINING_BUDGET = Budget(warmup=3, min_reps=24, max_reps=40, seconds=30.0)
 QUICK_TRAINING_BUDGET = Budget(warmup=2, min_reps=3, max_reps=10, seconds=0.5)
 
 
