@@ -98,7 +98,7 @@ def main(argv=None):
     elif any(a in arms_mod.TORCH_ARMS for a in arm_names):
         arm_names = [a for a in arm_names if a not in arms_mod.TORCH_ARMS]
         hint = ("PyTorch is not installed, so the torch.optim.Adafactor arms "
-                "are skipped; `pip install torch` in this environment to add them.")
+                f"are skipped; `{sys.executable} -m pip install torch` adds them.")
         print(f"bench: {hint}", file=sys.stderr)
         notes.append(hint)
     if len(args.devices) > len(devices):

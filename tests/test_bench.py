@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 ROW_FIELDS = {
     "arm", "set", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
@@ -70,3 +72,24 @@ def test_plot_written(quick_run):
     pytest.importorskip("matplotlib", reason="the plot needs the [bench] extra")
     out, _ = quick_run
     assert (out / "results.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arm", sorted(MLX_ARMS))
+def test_arm_step_updates_parameters_and_state(arm):
+    import mlx.core as mx
+    import numpy as np
+
+    from bench import arms, sets
+
+    params, grads = sets.build(sets.tiny(), mx.float32)
+    runner = arms.make(arm)
+    runner.prepare(params, grads)
+    snapshots = []
+    for _ in range(2):
+        runner.step()
+        snapshots.append((np.array(runner.params["w"]),
+                          np.array(runner.opt.state["w"]["exp_avg_sq_row"])))
+    assert runner.steps_done() == 2
+    assert not np.array_equal(snapshots[0][0], np.array(params["w"]))
+    assert not np.array_equal(snapshots[0][0], snapshots[1][0])
+    assert not np.array_equal(snapshots[0][1], snapshots[1][1])
