@@ -4,10 +4,12 @@
     python -m bench --quick     a smaller suite in about a minute
 
 Writes results.json, results.md and results.png to --out (default
-bench/results/local/) and prints the tables.
+bench/results/local/) and prints the tables; while it runs,
+results.partial.json holds the rows measured so far.
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ def parse_args(argv):
                     help="fewer sets, sizes and steps: about a minute")
     ap.add_argument("--sets", type=_csv, default=None,
                     help="comma-separated: gpt2, llama, sweep, matrix-N, many-1k, "
-                    "many-256, tiny (default: gpt2,llama,sweep,many-1k,many-256; "
+                    "many-256, tiny (default: gpt2,many-1k,sweep,many-256,llama; "
                     "--quick: sweep,many-1k)")
     ap.add_argument("--sweep-sizes", type=_csv, default=None,
                     help="matrix sizes n of the sweep (default 256..8192; "
@@ -130,7 +132,15 @@ def main(argv=None):
     progress.label("copy bandwidth")
     copy_bytes = args.copy_mb * 2**20
     bw_start = copy_bandwidth.measure(copy_bytes)
-    rows = optimizer_step.run(set_list, dtypes, devices, arm_names, budget, progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "results.partial.json"
+
+    def checkpoint(rows_so_far):
+        partial.write_text(json.dumps({**result, "copy_bandwidth_start": bw_start,
+                                       "rows": rows_so_far}, indent=1) + "\n")
+
+    rows = optimizer_step.run(set_list, dtypes, devices, arm_names, budget, progress,
+                              on_group=checkpoint)
     if training_cfg:
         result["training"] = training.run(
             training_cfg,
@@ -141,6 +151,11 @@ def main(argv=None):
     if not args.quick:
         progress.label("copy bandwidth")
         bw_end = copy_bandwidth.measure(copy_bytes)
+    progress.label("Metal launch plan")
+    plan = launch_plan.run(set_list, dtypes)
+    result["metal_plan_available"] = bool(plan) and any(
+        not (p["fused_error"] or p["stock_error"]) for p in plan)
+    result["metal_plan"] = plan
     progress.close()
 
     best = max((b for b in (bw_start, bw_end) if b), key=lambda b: b["best_gbps"])
@@ -151,15 +166,12 @@ def main(argv=None):
         r["fraction_of_copy_bw"] = r["gbps"] / result["copy_bandwidth_gbps"]
     result["rows"] = rows
 
-    plan = launch_plan.run(set_list, dtypes)
-    result["metal_plan_available"] = bool(plan) and any(
-        not (p["fused_error"] or p["stock_error"]) for p in plan)
-    result["metal_plan"] = plan
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["notes"] = notes
 
     text, paths = report.write(result, args.out)
+    partial.unlink(missing_ok=True)
     print(text)
     for kind, path in paths.items():
         print(f"bench: wrote {kind}: {path}", file=sys.stderr)

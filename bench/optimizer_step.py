@@ -79,8 +79,10 @@ def cells(set_list, dtypes, devices, arm_names):
     return out
 
 
-def run(set_list, dtypes, devices, arm_names, budget, progress):
-    """Time every cell; return the rows (without bandwidth fractions)."""
+def run(set_list, dtypes, devices, arm_names, budget, progress, on_group=None):
+    """Time every cell; return the rows (without bandwidth fractions).
+    ``on_group(rows)`` is called with the rows so far after each (device,
+    set, dtype) group."""
     rows = []
     default = mx.default_device()
     todo = cells(set_list, dtypes, devices, arm_names)
@@ -115,6 +117,8 @@ def run(set_list, dtypes, devices, arm_names, budget, progress):
                         progress.advance()
                     _add_ratios(group)
                     rows.extend(group)
+                    if on_group is not None:
+                        on_group(rows)
                     del params, grads
                     release_memory()
     finally:

@@ -84,7 +84,7 @@ NAMED = {
     "tiny": ("tiny (tests)", tiny),
 }
 
-DEFAULT_SETS = ("gpt2", "llama", "sweep", "many-1k", "many-256")
+DEFAULT_SETS = ("gpt2", "many-1k", "sweep", "many-256", "llama")
 QUICK_SETS = ("sweep", "many-1k")
 QUICK_SWEEP_SIZES = (256, 512, 1024, 2048)
 
