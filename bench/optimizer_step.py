@@ -9,6 +9,11 @@ implementation moves. ``gbps`` is that floor divided by the median step
 time, and ``fraction_of_copy_bw`` (filled in by the caller) divides it by the
 copy bandwidth measured in the same run.
 
+Peak memory is ``mx.get_peak_memory()`` over one arm's setup and steps: the
+parameters, gradients and state that are live plus the step's temporaries
+(``peak_memory_above_inputs_bytes`` leaves out what was allocated before the
+arm started). PyTorch allocates outside MLX, so its arms report none.
+
     python -m bench.optimizer_step --sets matrix-1024 --quick
 """
 

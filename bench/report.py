@@ -22,6 +22,12 @@ MIN_BYTES_NOTE = (
     "the limit."
 )
 
+MEMORY_NOTE = (
+    "Peak MB is MLX's allocator peak (mx.get_peak_memory) during one arm: the "
+    "live parameters, gradients and state plus the step's temporaries; not "
+    "measured for PyTorch."
+)
+
 TORCH_NOTE = (
     "PyTorch: torch.optim.Adafactor(lr={lr}, beta2_decay={beta2_decay}, "
     "eps={eps}, d={d}, weight_decay={weight_decay}), the settings closest to "
@@ -187,7 +193,7 @@ def markdown(result, plot_name):
         parts += [plan_table(result["metal_plan"]), ""]
     else:
         parts += ["Not available: `mlx_fused_adafactor.metal_plan` is not in this build.", ""]
-    parts += ["## All measurements", "", full_table(result), "", MIN_BYTES_NOTE, ""]
+    parts += ["## All measurements", "", full_table(result), "", MIN_BYTES_NOTE, "", MEMORY_NOTE, ""]
     if result.get("torch_version"):
         parts += [TORCH_NOTE, ""]
     parts += [f"Notes: {' '.join(result['notes'])}", ""] if result["notes"] else []
