@@ -192,15 +192,16 @@ class Adafactor(Optimizer):
                 f"{sorted(state)}, which does not fit this parameter or these "
                 "optimizer options."
             ) from None
-        for i, a in enumerate(arrays):
-            want = dtype if i == len(keys) else mx.float32
-            if not isinstance(a, mx.array):
-                raise ValueError(
-                    f"[adafactor] parameter '{leaf[1]}': state entry is a "
-                    f"{type(a).__name__}, not an mlx array."
-                )
-            if a.dtype != want:
-                arrays[i] = a.astype(want)
+        try:
+            for i, a in enumerate(arrays):
+                want = dtype if i == len(keys) else mx.float32
+                if a.dtype != want:
+                    arrays[i] = a.astype(want)
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(
+                f"[adafactor] parameter '{leaf[1]}': a state entry is a "
+                f"{type(a).__name__}, not a float mlx array."
+            ) from None
         return arrays
 
     def _run(self, step, learning_rate, leaves):
@@ -398,15 +399,12 @@ def _collect(grads, params, state, keys, name, out):
                     "but no such parameter."
                 )
             sub = state.get(k)
-            if isinstance(g, mx.array) and sub is not None:
-                if not isinstance(sub, dict) or any(
-                    isinstance(v, (dict, list, tuple)) for v in sub.values()
-                ):
-                    raise ValueError(
-                        f"[adafactor] parameter '{prefix}{k}': the optimizer "
-                        "state holds a subtree here, not the state of one "
-                        "parameter."
-                    )
+            if isinstance(g, mx.array) and sub is not None and not isinstance(sub, dict):
+                raise ValueError(
+                    f"[adafactor] parameter '{prefix}{k}': the optimizer state "
+                    f"holds a {type(sub).__name__} here, not the state of one "
+                    "parameter."
+                )
             _collect(g, params[k], sub, keys + (k,), f"{prefix}{k}", out)
     elif isinstance(grads, (list, tuple)):
         if not isinstance(params, (list, tuple)) or len(params) < len(grads):
