@@ -399,7 +399,8 @@ def _collect(grads, params, state, keys, name, out):
                     "but no such parameter."
                 )
             sub = state.get(k)
-            if isinstance(g, mx.array) and sub is not None and not isinstance(sub, dict):
+            leaf_state = isinstance(g, mx.array) and sub is not None
+            if leaf_state and not isinstance(sub, dict):
                 raise ValueError(
                     f"[adafactor] parameter '{prefix}{k}': the optimizer state "
                     f"holds a {type(sub).__name__} here, not the state of one "
