@@ -2,7 +2,9 @@
 
 Thin by design: it validates, lays out the state exactly as
 ``mlx.optimizers.Adafactor`` does, and hands every parameter of a dtype group
-to one fused primitive per step. The math lives in kernels/adafactor_math.h.
+to one fused operation per step (csrc/adafactor.h: eager on the CPU outside
+transformations, AdafactorStep primitives otherwise). The math lives in
+kernels/adafactor_math.h.
 """
 
 import math
@@ -27,10 +29,10 @@ _fallback_warned = False
 def _state_shapes(shape):
     if len(shape) >= 2:
         return {
-            "exp_avg_sq_row": tuple(shape[:-1]),
-            "exp_avg_sq_col": tuple(shape[:-2]) + tuple(shape[-1:]),
+            _ROW: tuple(shape[:-1]),
+            _COL: tuple(shape[:-2]) + tuple(shape[-1:]),
         }
-    return {"exp_avg_sq": tuple(shape)}
+    return {_SQ: tuple(shape)}
 
 
 class Adafactor(Optimizer):
@@ -38,7 +40,7 @@ class Adafactor(Optimizer):
 
     A drop-in replacement for :class:`mlx.optimizers.Adafactor` with the same
     constructor, the same state tree, and the same results in float32. Each
-    step runs as one fused primitive per dtype group; all arithmetic is
+    step runs as one fused operation per dtype group; all arithmetic is
     float32 whatever the parameter dtype, and the second-moment state is kept
     in float32 (see the README's numerics contract).
 
