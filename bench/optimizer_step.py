@@ -149,5 +149,7 @@ if __name__ == "__main__":
                QUICK_BUDGET if a.quick else DEFAULT_BUDGET, progress)
     progress.close()
     for r in rows:
+        ratio = r["speedup_vs_stock"]
+        vs_stock = f"  x{ratio:.2f} vs stock" if ratio is not None else ""
         print(f"{r['set']:>12} {r['arm']:>20} {r['median_ms']:9.3f} ms "
-              f"{r['gbps']:6.2f} GB/s  x{r['speedup_vs_stock'] or 0:.2f} vs stock")
+              f"{r['gbps']:6.2f} GB/s{vs_stock}")
