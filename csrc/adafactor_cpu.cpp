@@ -34,6 +34,7 @@
 #include "mlx/backend/cpu/encoder.h"
 
 #include "adafactor.h"
+#include "buffer_cache.h"
 #include "cpu_types.h"
 #include "parallel.h"
 
@@ -135,15 +136,18 @@ const void* contiguous_data(
   return dst;
 }
 
-// Give `out` a buffer: the input's own when MLX says it can be donated.
-void alloc_output(const mx::array& in, mx::array& out) {
+// Give `out` a buffer: the input's own when MLX says it can be donated,
+// otherwise one from the step's buffer cache (NOTE: [eager step] explains why
+// fresh memory is expensive). Returns the bytes taken from the cache.
+size_t alloc_output(const mx::array& in, mx::array& out) {
   if (in.is_donatable() && in.flags().row_contiguous &&
       in.itemsize() == out.itemsize() && in.data_size() == in.size() &&
       in.size() == out.size()) {
     out.copy_shared_buffer(in);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
+    return 0;
   }
+  out.set_data(BufferCache::instance().acquire(out.nbytes()));
+  return out.nbytes();
 }
 
 template <typename P, typename G>
@@ -580,16 +584,17 @@ void AdafactorStep::eval_cpu(
   // Outputs first: donation must be decided before anything else holds the
   // inputs.
   const bool momentum = hyper_.flags & AF_MOMENTUM;
-  size_t in = kFirstTensorIdx, out = 0;
+  size_t in = kFirstTensorIdx, out = 0, cached = 0;
   while (in < inputs.size()) {
     const bool factored = is_factored(inputs[in]);
-    alloc_output(inputs[in + kParamIdx], outputs[out]);
+    cached += alloc_output(inputs[in + kParamIdx], outputs[out]);
     for (int k = 1; k < num_outputs(factored, momentum); ++k) {
-      alloc_output(inputs[in + 1 + k], outputs[out + k]);
+      cached += alloc_output(inputs[in + 1 + k], outputs[out + k]);
     }
     in += num_inputs(factored, momentum);
     out += num_outputs(factored, momentum);
   }
+  BufferCache::instance().reserve(cached);
 
   auto runner = make_cpu_runner(hyper_, inputs, outputs);
   auto& encoder = mx::cpu::get_command_encoder(stream());
