@@ -27,9 +27,7 @@
 
 #include <algorithm>
 #include <cstring>
-#include <numeric>
 
-#include "mlx/allocator.h"
 #include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 
@@ -106,21 +104,16 @@ struct Item {
   uint32_t j; // column block (factored)
 };
 
-// A contiguous copy of an input that arrived with other strides.
-struct Staged {
-  std::vector<char> data;
-};
-
+// The data of an input, or of a contiguous copy when it arrived with other
+// strides: the copy is made by a gather run once the input is ready.
 const void* contiguous_data(
     const mx::array& a,
-    std::vector<Staged>& staged,
+    std::vector<std::vector<char>>& staged,
     std::vector<std::function<void()>>& gathers) {
   if (a.flags().row_contiguous || a.size() == 0) {
     return a.data<char>();
   }
-  staged.emplace_back();
-  auto& buf = staged.back().data;
-  buf.resize(a.nbytes());
+  auto& buf = staged.emplace_back(a.nbytes());
   char* dst = buf.data();
   gathers.push_back([dst,
                      src = a.data<char>(),
@@ -536,7 +529,7 @@ class CpuRunner : public StepRunner {
 
  private:
   CpuStep<P, G> step_;
-  std::vector<Staged> staged_;
+  std::vector<std::vector<char>> staged_;
   std::vector<std::function<void()>> gathers_;
 };
 
