@@ -45,7 +45,7 @@ static AF_CONST constexpr int AF_N_READS = 4;
 // Tensors with at most this many elements run in one threadgroup end to end.
 static AF_CONST constexpr int AF_SMALL_LIMIT = 4096;
 // CPU tiling: columns per tile and elements per tile.
-static AF_CONST constexpr int AF_CPU_COL_BLOCK = 4096;
+static AF_CONST constexpr int AF_CPU_COL_BLOCK = 16384;
 static AF_CONST constexpr int AF_CPU_TILE = 65536;
 // CPU tiling: at most this many row blocks per matrix, which bounds the
 // column-partial scratch to 1/16 of the tensor (NOTE: [column partials]).

@@ -43,8 +43,10 @@ from reference64 import run64
 TOL = {"float32": {"STOCK": 1e-5, "LOOSE": 5e-4, "SLACK": 2.0**-22}}
 STEPS = 25
 
-# Sizes around the edges and the CPU tiling (AF_CPU_COL_BLOCK=4096
-# columns, AF_CPU_TILE=65536 elements, AF_CPU_MAX_ROW_BLOCKS=64).
+# Sizes around the edges and the CPU tiling (AF_CPU_COL_BLOCK=16384
+# columns, AF_CPU_TILE=65536 elements, AF_CPU_MAX_ROW_BLOCKS=64). Matrices of
+# at most AF_CPU_COL_BLOCK columns fold sum(u^2) into pass 1, wider ones run
+# pass 2 (NOTE: [folded update sum]); both kinds are below.
 ACCURATE_SHAPES = [
     (),
     (1,),
@@ -69,6 +71,7 @@ ACCURATE_SHAPES = [
 LARGE_SHAPES = [
     ((70000,), STEPS),
     ((3, 4099), STEPS),
+    ((3, 16385), 5),
     ((2000, 40), 10),
     ((300, 700), 10),
     ((1031, 4097), 2),
@@ -222,6 +225,24 @@ def test_large_shapes_no_worse_than_stock(shape, steps):
                 f"{err_stock:.3g} against float64"
             )
             assert_close_to_max(got[key], stock[key], tol["LOOSE"], f"{path} {key}")
+
+
+@pytest.mark.parametrize("scale", [1e-16, 1e-19], ids=["tiny", "subnormal"])
+def test_tiny_second_moments_match_stock(scale):
+    # With eps1 = 0 the row EMAs follow g^2: below the fold's floor at 1e-16
+    # (NOTE: [folded update sum]) and subnormal at 1e-19, where 1/r_i
+    # overflows. Those matrices take pass 2, and must still match stock; the
+    # unit-scale matrix beside them folds.
+    shapes = {"a": (40, 50), "b": (7, 300)}
+    params = {k: rand(s, 11) for k, s in shapes.items()}
+    params["c"] = rand((20, 30), 12)
+    seqs = {k: grad_seq(s, 6, 13) for k, s in shapes.items()}
+    grads = [
+        {**{k: scale * seqs[k][i] for k in shapes}, "c": g}
+        for i, g in enumerate(grad_seq((20, 30), 6, 14))
+    ]
+    out = three_runs({"eps": (0.0, 1e-3)}, params, grads)
+    check_fused_paths(out, TOL["float32"]["STOCK"], f"scale {scale}")
 
 
 @pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
