@@ -382,6 +382,13 @@ class CpuStep {
     sum_p2[k] = pp;
   }
 
+  static void add_row(float* acc, const float* row, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      acc[c] += row[c];
+    }
+  }
+
   float item_sum(const std::vector<float>& v, const Tensor<P, G>& x) const {
     float acc = 0.0f;
     for (size_t k = x.item_begin; k < x.item_end; ++k) {
@@ -403,7 +410,7 @@ class CpuStep {
     float* col_part = scratch.data() + x.col_part;
     float* row_fac = scratch.data() + x.row_fac;
     float* col_fac = scratch.data() + x.col_fac;
-    const float* fold_part = scratch.data() + x.fold_part;
+    float* fold_part = scratch.data() + x.fold_part;
     bool fold = x.fold;
     for (size_t k = x.item_begin; fold && k < x.item_end; ++k) {
       fold = fold_ok[k];
@@ -427,14 +434,19 @@ class CpuStep {
         const int64_t rr = b * x.R + r;
         row_fac[rr] = adafactor_row_factor(x.s0_out[rr], row_mean);
       }
-      // Column EMA from the row-block partials, in row-block order.
-      for (int64_t c = 0; c < x.C; ++c) {
-        float s = 0.0f;
-        for (int64_t i = 0; i < x.nrb; ++i) {
-          s += col_part[(b * x.nrb + i) * x.C + c];
+      // Column EMA from the row-block partials, in row-block order; the
+      // partials are summed into row block 0's, a vectorizable row at a time.
+      float* col_sum = col_part + b * x.nrb * x.C;
+      float* fold_sum = fold_part + b * x.nrb * x.C;
+      for (int64_t i = 1; i < x.nrb; ++i) {
+        add_row(col_sum, col_sum + i * x.C, x.C);
+        if (fold) {
+          add_row(fold_sum, fold_sum + i * x.C, x.C);
         }
+      }
+      for (int64_t c = 0; c < x.C; ++c) {
         const int64_t cc = b * x.C + c;
-        float v = adafactor_ema(x.s1[cc], s * inv_r, s_);
+        float v = adafactor_ema(x.s1[cc], col_sum[c] * inv_r, s_);
         x.s1_out[cc] = v;
         col_fac[cc] = adafactor_col_factor(v);
       }
@@ -442,12 +454,8 @@ class CpuStep {
       if (fold) {
         double acc = 0.0;
         for (int64_t c = 0; c < x.C; ++c) {
-          float t = 0.0f;
-          for (int64_t i = 0; i < x.nrb; ++i) {
-            t += fold_part[(b * x.nrb + i) * x.C + c];
-          }
           const float cf = col_fac[b * x.C + c];
-          acc += static_cast<double>(t) * (cf * cf);
+          acc += static_cast<double>(fold_sum[c]) * (cf * cf);
         }
         sum_u2_folded += static_cast<double>(row_mean) * acc;
       }
