@@ -359,6 +359,12 @@ class CpuStep {
       int64_t lo, hi;
       flat_range(x, it, lo, hi);
       const AdafactorStepScalars s = s_;
+      // Local pointers: through `x` GCC does not vectorize this loop (it was
+      // scalar until this was spelled out).
+      const P* p = x.p;
+      const G* g = x.g;
+      const float* sq_in = x.s0;
+      float* sq_out = x.s0_out;
       float us = 0.0f;
       for (int64_t ec = lo; ec < hi; ec += kSumChunk) {
         const int64_t ec1 = std::min<int64_t>(hi, ec + kSumChunk);
@@ -366,12 +372,12 @@ class CpuStep {
         float us_chunk = 0.0f;
 #pragma omp simd reduction(+ : pp_chunk, us_chunk)
         for (int64_t e = ec; e < ec1; ++e) {
-          float pv = load(x.p, e);
+          float pv = load(p, e);
           pp_chunk += pv * pv;
-          float sq = adafactor_ema(
-              x.s0[e], adafactor_sq_grad(load(x.g, e), h), s);
-          x.s0_out[e] = sq;
-          float u = adafactor_flat_update(sq, load(x.g, e));
+          float gv = load(g, e);
+          float sq = adafactor_ema(sq_in[e], adafactor_sq_grad(gv, h), s);
+          sq_out[e] = sq;
+          float u = adafactor_flat_update(sq, gv);
           us_chunk += u * u;
         }
         pp += pp_chunk;
