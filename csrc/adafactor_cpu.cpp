@@ -407,7 +407,7 @@ class CpuStep {
     auto& x = tensors[t];
     x.ts.lr = adafactor_tensor_lr(item_sum(sum_p2, x), x.inv_n, s_, h_);
     if (!x.factored) {
-      x.ts.clip_denom = adafactor_clip_denom(item_sum(sum_u2, x), x.inv_n, h_);
+      x.ts.clip_scale = adafactor_clip_scale(item_sum(sum_u2, x), x.inv_n, h_);
       return;
     }
     const float inv_c = x.inv_c;
@@ -469,7 +469,7 @@ class CpuStep {
     const float sum_u2_total = static_cast<float>(sum_u2_folded);
     x.needs_pass2 = !(fold && std::isfinite(sum_u2_total));
     if (!x.needs_pass2) {
-      x.ts.clip_denom = adafactor_clip_denom(sum_u2_total, x.inv_n, h_);
+      x.ts.clip_scale = adafactor_clip_scale(sum_u2_total, x.inv_n, h_);
     }
   }
 
@@ -506,7 +506,7 @@ class CpuStep {
   void finish_pass2(size_t t) {
     auto& x = tensors[t];
     if (x.factored && x.needs_pass2) {
-      x.ts.clip_denom = adafactor_clip_denom(item_sum(sum_u2, x), x.inv_n, h_);
+      x.ts.clip_scale = adafactor_clip_scale(item_sum(sum_u2, x), x.inv_n, h_);
     }
   }
 

@@ -262,7 +262,7 @@ template <typename T, typename U>
       u2_part, 0, args.n_groups, 1, 0, tmp, lid, simd_lane, simd_gid);
   AdafactorTensorScalars ts;
   ts.lr = adafactor_tensor_lr(p2, args.inv_n, s, h);
-  ts.clip_denom = adafactor_clip_denom(u2, args.inv_n, h);
+  ts.clip_scale = adafactor_clip_scale(u2, args.inv_n, h);
 
   float cf[AF_N_READS];
   for (int k = 0; k < AF_N_READS; ++k) {

@@ -94,7 +94,7 @@ template <typename T, typename U>
       simd_lane, simd_gid);
   AdafactorTensorScalars ts;
   ts.lr = adafactor_tensor_lr(p2, args.inv_n, s, h);
-  ts.clip_denom = adafactor_clip_denom(u2, args.inv_n, h);
+  ts.clip_scale = adafactor_clip_scale(u2, args.inv_n, h);
 
   // Apply the update of the block
   for (int e0 = lo + int(lid) * AF_N_READS; e0 < hi;

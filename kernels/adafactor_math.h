@@ -81,7 +81,7 @@ struct AdafactorStepScalars {
 // Values of one tensor after its reductions.
 struct AdafactorTensorScalars {
   float lr; // parameter_scale * rel_step
-  float clip_denom; // max(1, RMS(u) / clip_threshold)
+  float clip_scale; // 1 / max(1, RMS(u) / clip_threshold)
 };
 
 // stock: beta_2 = 1.0 - (step**decay_rate); relative step size
@@ -116,10 +116,14 @@ AF_INLINE float adafactor_tensor_lr(
   return s.rel_step;
 }
 
-// stock: update / max(1.0, RMS(update) / clip_threshold), denominator only.
+// stock: update / max(1.0, RMS(update) / clip_threshold). Returned as the
+// reciprocal, so that each element is multiplied, not divided: a division
+// per element kept the bfloat16 step compute-bound. u * (1 / d) differs from
+// u / d by at most an ulp, and only where clipping binds (d = 1 is exact);
+// Inf and NaN denominators give the same results either way.
 AF_INLINE float
-adafactor_clip_denom(float sum_u2, float inv_n, AdafactorHyper h) {
-  return AF_MAX(1.0f, AF_SQRT(sum_u2 * inv_n) / h.clip_threshold);
+adafactor_clip_scale(float sum_u2, float inv_n, AdafactorHyper h) {
+  return 1.0f / AF_MAX(1.0f, AF_SQRT(sum_u2 * inv_n) / h.clip_threshold);
 }
 
 // stock: update = square(gradient) + eps[0].
@@ -157,7 +161,7 @@ AF_INLINE float adafactor_flat_update(float sq, float g) {
 // decay and the parameter update. `m` is the first moment, read and written
 // only when flags & AF_MOMENTUM. Returns the new parameter value.
 //
-// stock: update = lr * (update / clip_denom);
+// stock: update = lr * (update / clip_denom);   (here: * clip_scale)
 //        exp_avg = beta_1 * exp_avg + (1 - beta_1) * update; update = exp_avg;
 //        parameter = parameter + parameter * (-weight_decay * lr);
 //        return parameter - update.
@@ -176,7 +180,7 @@ AF_INLINE float adafactor_apply(
     AdafactorTensorScalars ts,
     AdafactorHyper h) {
 #endif
-  u = ts.lr * (u / ts.clip_denom);
+  u = ts.lr * (u * ts.clip_scale);
   if (h.flags & AF_MOMENTUM) {
     m = h.beta1 * m + h.one_minus_beta1 * u;
     u = m;

@@ -96,7 +96,7 @@ template <typename T, typename U>
   u2 = block_sum(u2, tmp, simd_lane, simd_gid);
   AdafactorTensorScalars ts;
   ts.lr = adafactor_tensor_lr(p2, args.inv_n, s, h);
-  ts.clip_denom = adafactor_clip_denom(u2, args.inv_n, h);
+  ts.clip_scale = adafactor_clip_scale(u2, args.inv_n, h);
 
   // Apply the update
   for (int e = int(lid); e < n; e += AF_THREADS_PER_GROUP) {
@@ -153,7 +153,7 @@ template <typename T, typename U>
   u2 = block_sum(u2, tmp, simd_lane, simd_gid);
   AdafactorTensorScalars ts;
   ts.lr = adafactor_tensor_lr(p2, args.inv_n, s, h);
-  ts.clip_denom = adafactor_clip_denom(u2, args.inv_n, h);
+  ts.clip_scale = adafactor_clip_scale(u2, args.inv_n, h);
 
   // Apply the update; each thread reads back the exp_avg_sq it wrote
   for (int e = int(lid); e < n; e += AF_THREADS_PER_GROUP) {

@@ -56,13 +56,17 @@ MUTATIONS = {
          "        store(p_out, c, pn);"),
     ]),
     5: ("eps_1 left out of the 1-D second moment", [
-        ("x.s0[e], adafactor_sq_grad(load(x.g, e), h), s);",
-         "x.s0[e], kMut == 5 ? load(x.g, e) * load(x.g, e) : "
-         "adafactor_sq_grad(load(x.g, e), h), s);"),
+        ("adafactor_ema(sq_in[e], adafactor_sq_grad(gv, h), s);",
+         "adafactor_ema(sq_in[e], kMut == 5 ? gv * gv : "
+         "adafactor_sq_grad(gv, h), s);"),
     ]),
     6: ("no update clipping", [
-        ("x.ts.clip_denom = adafactor_clip_denom(",
-         "x.ts.clip_denom = kMut == 6 ? 1.0f : adafactor_clip_denom("),
+        ("x.ts.clip_scale = adafactor_clip_scale(",
+         "x.ts.clip_scale = kMut == 6 ? 1.0f : adafactor_clip_scale("),
+    ]),
+    7: ("the folded sum(u^2) weighs T_j by cf_j, not cf_j^2", [
+        ("acc += static_cast<double>(fold_sum[c]) * (cf * cf);",
+         "acc += static_cast<double>(fold_sum[c]) * (kMut == 7 ? cf : cf * cf);"),
     ]),
 }
 
