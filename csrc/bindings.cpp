@@ -20,6 +20,7 @@ namespace af = mlx_fused_adafactor;
 #define AF_STR(x) AF_STR2(x)
 
 void bind_metal_plan(nb::module_& m); // bindings_metal.cpp
+void bind_leaves(nb::module_& m); // bindings_leaves.cpp
 
 NB_MODULE(_ext, m) {
   m.doc() = "Fused Adafactor step for MLX (C++ primitive).";
@@ -94,6 +95,7 @@ NB_MODULE(_ext, m) {
       "outside transformations on the CPU, the step runs at once.");
 
   bind_metal_plan(m);
+  bind_leaves(m);
 
   m.attr("SCALE_PARAMETER") = AF_SCALE_PARAMETER;
   m.attr("RELATIVE_STEP") = AF_RELATIVE_STEP;

@@ -14,18 +14,20 @@ from afhelpers import assert_trees_equal, grad_seq, rand, run
 from mlx_fused_adafactor import Adafactor
 
 # Shapes whose work is split into many tiles and spread over the pool
-# (NOTE [tiles]): several row blocks, several column blocks (9000 columns),
-# several flat chunks, batched matrices; over the serial threshold in total.
+# (NOTE [tiles]): several row blocks, three column blocks (40000 columns,
+# which also takes pass 2: NOTE [folded update sum]), several flat chunks,
+# batched matrices; over the serial threshold in total. Three or more tiles
+# per tensor, so that the order partials are combined in shows in the bits.
 SHAPES = {
     "m": (300, 700),
-    "wide": (3, 9000),
+    "wide": (3, 40000),
     "tall": (2000, 40),
     "flat": (140000,),
     "t3": (4, 130, 300),
     "small": (7, 5),
     "b": (33,),
 }
-STEPS = 3
+STEPS = 8
 
 
 def inputs():

@@ -19,19 +19,25 @@ def primitive_nodes(arrays, tmp_path):
     return nodes
 
 
-def test_one_primitive_per_dtype_group(monkeypatch, tmp_path):
+def lazy_leaves(monkeypatch):
+    """Make the optimizer ask for the lazy primitives (the eager path would
+    return evaluated arrays without a graph); returns the list that collects,
+    per call, the arrays of each tensor: new parameter, then its state."""
     calls = []
-    real = _ext.adafactor_step
+    real = _ext.apply_leaves
 
-    def lazy_step(*args, **kwargs):
-        # Observe the call and ask for the lazy primitive (the eager path
-        # would return evaluated arrays without a graph).
+    def lazy(*args, **kwargs):
         kwargs["allow_eager"] = False
-        outs = real(*args, **kwargs)
-        calls.append(outs)
-        return outs
+        new_params, new_states = real(*args, **kwargs)
+        calls.append([[p, *s.values()] for p, s in zip(new_params, new_states)])
+        return new_params, new_states
 
-    monkeypatch.setattr(fused_module._ext, "adafactor_step", lazy_step)
+    monkeypatch.setattr(fused_module._ext, "apply_leaves", lazy)
+    return calls
+
+
+def test_one_primitive_per_dtype_group(monkeypatch, tmp_path):
+    calls = lazy_leaves(monkeypatch)
     params = {
         "w": rand((5, 6), 1), "b": rand((6,), 2), "s": rand((), 3), "c": rand((2, 3, 4), 4),
         "h": rand((4, 4), 5, mx.bfloat16), "hb": rand((4,), 6, mx.bfloat16),
@@ -39,11 +45,14 @@ def test_one_primitive_per_dtype_group(monkeypatch, tmp_path):
     grads = {k: rand(v.shape, 10 + i, v.dtype) for i, (k, v) in enumerate(params.items())}
     opt = Adafactor(beta_1=0.9)
     new = opt.apply_gradients(grads, params)
-    assert len(calls) == 2  # float32 group, bfloat16 group
-    # 4 float32 tensors: 3 factored-or-flat outputs each + momentum.
-    assert len(calls[0]) == (1 + 2 + 1) * 2 + (1 + 1 + 1) * 2
-    assert len(calls[1]) == (1 + 2 + 1) + (1 + 1 + 1)
-    for outs in calls:
+    assert len(calls) == 1
+    # Tensors in tree order: four float32, then two bfloat16.
+    groups = [sum(calls[0][:4], []), sum(calls[0][4:], [])]
+    # float32: two factored (param, row, col, exp_avg), two flat (param,
+    # exp_avg_sq, exp_avg); bfloat16: one of each.
+    assert len(groups[0]) == (1 + 2 + 1) * 2 + (1 + 1 + 1) * 2
+    assert len(groups[1]) == (1 + 2 + 1) + (1 + 1 + 1)
+    for outs in groups:
         labels = primitive_nodes(outs, tmp_path)
         producers = [n for n, label in labels.items() if label == "AdafactorStep"]
         assert len(producers) == 1, labels
@@ -78,16 +87,7 @@ def expected_chunks(outputs_per_tensor):
 
 
 def test_large_group_is_chunked_and_equals_eager(monkeypatch, tmp_path):
-    calls = []
-    real = _ext.adafactor_step
-
-    def lazy_step(*args, **kwargs):
-        kwargs["allow_eager"] = False
-        outs = real(*args, **kwargs)
-        calls.append(outs)
-        return outs
-
-    monkeypatch.setattr(fused_module._ext, "adafactor_step", lazy_step)
+    calls = lazy_leaves(monkeypatch)
     shapes = [(4, 8) if i % 3 else (16,) for i in range(40)]
     params = {f"t{i:02d}": rand(s, i) for i, s in enumerate(shapes)}
     grads = {k: rand(v.shape, 100 + i) for i, (k, v) in enumerate(params.items())}
@@ -95,8 +95,8 @@ def test_large_group_is_chunked_and_equals_eager(monkeypatch, tmp_path):
     new = opt.apply_gradients(grads, params)
     assert len(calls) == 1
     per_tensor = [4 if len(s) == 2 else 3 for s in shapes]
-    assert len(calls[0]) == sum(per_tensor)
-    labels = primitive_nodes(calls[0], tmp_path)
+    assert [len(t) for t in calls[0]] == per_tensor
+    labels = primitive_nodes(sum(calls[0], []), tmp_path)
     producers = sum(label == "AdafactorStep" for label in labels.values())
     assert producers == expected_chunks(per_tensor) > 1
     mx.eval(new, opt.state)

@@ -138,7 +138,7 @@ class Adafactor(Optimizer):
             if state is None:
                 state = _lookup(self._state, leaf[0])
             state.update(new_state)
-        return _rebuild(gradients, (), new_params)
+        return _rebuild(gradients, iter(new_params))
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict):
         """Update one parameter with the current step count; ``state`` is
@@ -150,7 +150,7 @@ class Adafactor(Optimizer):
         learning_rate = self._learning_rate({})
         new_params, staged = self._run(self.step, learning_rate, [leaf])
         state.update(staged[0])
-        return new_params[leaf[0]]
+        return new_params[0]
 
     def _learning_rate(self, scheduled):
         if self.relative_step:
@@ -208,61 +208,38 @@ class Adafactor(Optimizer):
 
     def _run(self, step, learning_rate, leaves):
         """Compute the step for validated leaves without changing anything.
-        Returns the new parameters by key path and, per leaf, its new state."""
+        Returns, in leaf order, the new parameters and the new state dicts."""
         device = mx.default_device()
         if device != mx.cpu and not _ext.has_metal_kernels:
             return self._fallback_run(step, learning_rate, leaves)
-
-        groups = {}
-        for i, leaf in enumerate(leaves):
-            key = (leaf[3].dtype, leaf[2].dtype)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = []
-            group.append(i)
-        momentum = self.beta_1 is not None
-        flags = self._flags()
+        states = []
+        for leaf in leaves:
+            state = leaf[4]
+            if state is None:
+                state = {}
+                self.init_single(leaf[3], state)
+            states.append(state)
         beta_1 = 0.0 if self.beta_1 is None else float(self.beta_1)
-        new_params = {}
-        staged = [None] * len(leaves)
-        for (p_dtype, g_dtype), members in groups.items():
-            _check_dtypes(p_dtype, g_dtype, leaves[members[0]])
-            states = []
-            for i in members:
-                leaf = leaves[i]
-                keys = _FACTORED_KEYS if leaf[3].ndim >= 2 else _FLAT_KEYS
-                states.append(self._input_state(leaf, keys, p_dtype))
-            outs = _ext.adafactor_step(
-                step,
-                learning_rate,
-                [leaves[i][3] for i in members],
-                [leaves[i][2] for i in members],
-                states,
-                [leaves[i][1] for i in members],
-                self.eps[0],
-                self.eps[1],
-                self.clip_threshold,
-                self.decay_rate,
-                beta_1,
-                1.0 - beta_1,
-                self.weight_decay,
-                flags,
-            )
-            k = 0
-            for i in members:
-                leaf = leaves[i]
-                new_params[leaf[0]] = outs[k]
-                if leaf[3].ndim >= 2:
-                    new_state = {_ROW: outs[k + 1], _COL: outs[k + 2]}
-                    k += 3
-                else:
-                    new_state = {_SQ: outs[k + 1]}
-                    k += 2
-                if momentum:
-                    new_state["exp_avg"] = outs[k]
-                    k += 1
-                staged[i] = new_state
-        return new_params, staged
+        hyper = (
+            self.eps[0],
+            self.eps[1],
+            self.clip_threshold,
+            self.decay_rate,
+            beta_1,
+            1.0 - beta_1,
+            self.weight_decay,
+            self._flags(),
+        )
+        # See NOTE: [leaves in C++] (csrc/bindings_leaves.cpp).
+        return _ext.apply_leaves(
+            step,
+            learning_rate,
+            [leaf[3] for leaf in leaves],
+            [leaf[2] for leaf in leaves],
+            states,
+            [leaf[1] for leaf in leaves],
+            hyper,
+        )
 
     def _flags(self):
         flags = 0
@@ -290,7 +267,7 @@ class Adafactor(Optimizer):
                 stacklevel=4,
             )
         fn = _compiled_reference(tuple(sorted(self._hyper().items())))
-        new_params = {}
+        new_params = []
         staged = []
         for leaf in leaves:
             _check_dtypes(leaf[3].dtype, leaf[2].dtype, leaf)
@@ -307,7 +284,7 @@ class Adafactor(Optimizer):
                 state["exp_avg"] = arrays[-1]
             _check_state_shapes(leaf, state)
             p, st = fn(step, learning_rate, leaf[3], leaf[2], state)
-            new_params[leaf[0]] = p
+            new_params.append(p)
             staged.append(st)
         return new_params, staged
 
@@ -464,11 +441,11 @@ def _lookup(tree, keys):
     return tree
 
 
-def _rebuild(grads, keys, new_params):
+def _rebuild(grads, new_params):
+    """The gradient tree with its arrays replaced, in _collect's order, by
+    the items of the iterator ``new_params``."""
     if isinstance(grads, dict):
-        return {k: _rebuild(v, keys + (k,), new_params) for k, v in grads.items()}
+        return {k: _rebuild(v, new_params) for k, v in grads.items()}
     if isinstance(grads, (list, tuple)):
-        return type(grads)(
-            _rebuild(v, keys + (i,), new_params) for i, v in enumerate(grads)
-        )
-    return new_params[keys]
+        return type(grads)(_rebuild(v, new_params) for v in grads)
+    return next(new_params)
