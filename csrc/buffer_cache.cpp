@@ -17,9 +17,9 @@ alloc::Data BufferCache::acquire(size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = free_.find(bytes);
-    if (it != free_.end()) {
-      buffer = it->second;
-      free_.erase(it);
+    if (it != free_.end() && !it->second.empty()) {
+      buffer = it->second.back();
+      it->second.pop_back();
       cached_ -= bytes;
     }
   }
@@ -35,7 +35,7 @@ void BufferCache::release(alloc::Buffer buffer, size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (cached_ + bytes <= limit_) {
-      free_.emplace(bytes, buffer);
+      free_[bytes].push_back(buffer);
       cached_ += bytes;
       return;
     }
@@ -55,14 +55,16 @@ void BufferCache::reserve(size_t bytes) {
 }
 
 void BufferCache::clear() {
-  std::multimap<size_t, alloc::Buffer> old;
+  std::unordered_map<size_t, std::vector<alloc::Buffer>> old;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     old.swap(free_);
     cached_ = 0;
   }
-  for (auto& [bytes, buffer] : old) {
-    alloc::allocator().free(buffer);
+  for (auto& [bytes, buffers] : old) {
+    for (auto& buffer : buffers) {
+      alloc::allocator().free(buffer);
+    }
   }
 }
 

@@ -12,7 +12,7 @@
 #pragma once
 
 #include <cstddef>
-#include <map>
+#include <unordered_map>
 #include <mutex>
 #include <vector>
 
@@ -36,7 +36,8 @@ class BufferCache {
 
  private:
   std::mutex mutex_;
-  std::multimap<size_t, mlx::core::allocator::Buffer> free_;
+  // Free buffers by size; a step asks for the sizes it freed.
+  std::unordered_map<size_t, std::vector<mlx::core::allocator::Buffer>> free_;
   size_t cached_ = 0;
   size_t limit_ = 0;
 };

@@ -55,6 +55,7 @@ class ThreadPool {
   std::condition_variable done_;
   const std::function<void(size_t)>* fn_ = nullptr;
   size_t n_ = 0;
+  size_t grain_ = 1;
   std::atomic<size_t> next_{0};
   int busy_ = 0; // workers still inside the current job
   unsigned long generation_ = 0;
