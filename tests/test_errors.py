@@ -273,6 +273,47 @@ def test_loaded_state_missing_entry(path, key):
     expect_error(opt, grads_like(params), params, ValueError, path)
 
 
+def test_loaded_state_entry_not_an_array():
+    # A numpy array where an mlx array belongs (assert_unchanged can only
+    # snapshot array-like entries).
+    value = np.zeros((5,), np.float32)
+    opt, params = stepped_state()
+    state = dict(tree_flatten(opt.state))
+    state["layers.1.bias.exp_avg_sq"] = value
+    opt.state = tree_unflatten(list(state.items()))
+    message = expect_error(opt, grads_like(params), params, ValueError, "layers.1.bias")
+    assert "not a float mlx array" in message, message
+
+
+def test_loaded_state_missing_entry_names_what_it_has():
+    opt, params = stepped_state()
+    state = [(k, v) for k, v in tree_flatten(opt.state) if k != "layers.0.weight.exp_avg_sq_row"]
+    opt.state = tree_unflatten(state)
+    message = expect_error(opt, grads_like(params), params, ValueError, "layers.0.weight")
+    assert "no 'exp_avg_sq_row'" in message and "['exp_avg_sq_col']" in message, message
+
+
+def test_loaded_state_in_other_dtypes_is_cast():
+    # Integer and float16 second moments (as a stock float16 run saves them)
+    # are cast to float32 on use, as the Python code before them did.
+    opt, params = stepped_state(beta_1=0.9)
+    state = dict(tree_flatten(opt.state))
+    expected = Adafactor(beta_1=0.9)
+    expected.state = tree_unflatten(list(state.items()))
+    state["layers.1.bias.exp_avg_sq"] = state["layers.1.bias.exp_avg_sq"].astype(mx.float16)
+    state["layers.0.weight.exp_avg_sq_col"] = mx.ones_like(state["layers.0.weight.exp_avg_sq_col"], mx.int32)
+    expected_state = dict(state)
+    expected_state["layers.1.bias.exp_avg_sq"] = expected_state["layers.1.bias.exp_avg_sq"].astype(mx.float32)
+    expected_state["layers.0.weight.exp_avg_sq_col"] = expected_state["layers.0.weight.exp_avg_sq_col"].astype(mx.float32)
+    opt.state = tree_unflatten(list(state.items()))
+    expected.state = tree_unflatten(list(expected_state.items()))
+    grads = grads_like(params)
+    got = opt.apply_gradients(grads, params)
+    want = expected.apply_gradients(grads, params)
+    assert_trees_close((got, opt.state), (want, expected.state), 0.0, "cast state")
+    assert opt.state["layers"][1]["bias"]["exp_avg_sq"].dtype == mx.float32
+
+
 def test_loaded_state_of_other_layout():
     # A state saved for a 1-D parameter loaded onto a 2-D one of the path.
     opt, params = stepped_state()
