@@ -162,8 +162,13 @@ def main(argv=None):
     result["copy_bandwidth"] = {**best, "start_best_gbps": bw_start["best_gbps"],
                                 "end_best_gbps": bw_end and bw_end["best_gbps"]}
     result["copy_bandwidth_gbps"] = best["best_gbps"]
+    result["read_bandwidth_gbps"] = max(
+        b["best_read_gbps"] for b in (bw_start, bw_end) if b)
     for r in rows:
         r["fraction_of_copy_bw"] = r["gbps"] / result["copy_bandwidth_gbps"]
+        # The five minimal reads alone, at the measured read bandwidth.
+        r["fraction_of_read_bw"] = (r["gbps"] * report.MIN_READS / report.MIN_TRANSFERS
+                                    / result["read_bandwidth_gbps"])
     result["rows"] = rows
 
     if hasattr(os, "getloadavg"):

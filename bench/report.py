@@ -14,12 +14,17 @@ ARM_LABELS = {
     "torch-foreach": "torch foreach",
 }
 
+MIN_TRANSFERS = 6
+MIN_READS = 5
+
 MIN_BYTES_NOTE = (
     "Minimal bytes per step = values x element size x 6 (three reads of the "
     "gradient, two of the parameter, one write of the parameter; 2-byte "
     "elements for bfloat16). Optimizer state traffic is not counted, so the "
     "fraction of copy bandwidth is an upper bound on how close a step is to "
-    "the limit."
+    "the limit. The fraction of read bandwidth counts only the five minimal "
+    "reads, at the read bandwidth measured in the same run: a step that "
+    "reached 100% would be reading all the time, with its write free."
 )
 
 MEMORY_NOTE = (
@@ -85,7 +90,7 @@ def summary_table(result):
     header = (["set", "dtype"] + (["device"] if len(devices) > 1 else [])
               + [ARM_LABELS[a] + " ms" for a in arms]
               + ["fused vs stock", "vs stock compiled", "vs best torch",
-                 "fused GB/s", "fused % of copy BW"])
+                 "fused GB/s", "fused % of copy BW", "fused % of read BW"])
     body = []
     for (device, _, dtype), by_arm in _groups(result["rows"]).items():
         any_row = next(iter(by_arm.values()))
@@ -95,20 +100,22 @@ def summary_table(result):
         if fused:
             line += [_x(fused["speedup_vs_stock"]), _x(fused["speedup_vs_stock_compiled"]),
                      _x(fused["speedup_vs_best_torch"]), f"{fused['gbps']:.1f}",
-                     _pct(fused["fraction_of_copy_bw"])]
+                     _pct(fused["fraction_of_copy_bw"]), _pct(fused["fraction_of_read_bw"])]
         else:
-            line += ["-"] * 5
+            line += ["-"] * 6
         body.append(line)
     return _table(header, body)
 
 
 def full_table(result):
     header = ["set", "dtype", "device", "arm", "median ms", "p20-p80 ms",
-              "vs stock", "vs stock compiled", "peak MB", "GB/s", "% copy BW"]
+              "vs stock", "vs stock compiled", "peak MB", "GB/s", "% copy BW",
+              "% read BW"]
     body = [[r["set"], r["dtype"], r["device"], ARM_LABELS[r["arm"]], _ms(r["median_ms"]),
              f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}", _x(r["speedup_vs_stock"]),
              _x(r["speedup_vs_stock_compiled"]), _mb(r["peak_memory_bytes"]),
-             f"{r['gbps']:.2f}", _pct(r["fraction_of_copy_bw"])]
+             f"{r['gbps']:.2f}", _pct(r["fraction_of_copy_bw"]),
+             _pct(r["fraction_of_read_bw"])]
             for r in result["rows"]]
     return _table(header, body)
 
@@ -152,6 +159,7 @@ def machine_line(result):
 def markdown(result, plot_name):
     bw = result["copy_bandwidth"]
     methods = ", ".join(f"{k} {v:.1f}" for k, v in bw["gbps"].items())
+    reads = ", ".join(f"{k} {v:.1f}" for k, v in bw["read_gbps"].items())
     parts = [
         "# Adafactor step benchmark",
         "",
@@ -160,6 +168,9 @@ def markdown(result, plot_name):
         f"Copy bandwidth (read + write, measured in this run): "
         f"**{result['copy_bandwidth_gbps']:.1f} GB/s** (best of {methods} GB/s; "
         f"{bw['buffer_bytes'] / 2**20:.0f} MiB buffers).",
+        "",
+        f"Read bandwidth (measured in this run): "
+        f"**{result['read_bandwidth_gbps']:.1f} GB/s** (best of {reads} GB/s).",
         "",
         f"Timing: {result['budget']['warmup']} warm-up steps, then at least "
         f"{result['budget']['min_reps']} timed steps (more while under "

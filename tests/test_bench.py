@@ -15,10 +15,10 @@ if str(REPO) not in sys.path:
 ROW_FIELDS = {
     "arm", "set", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
     "speedup_vs_stock", "peak_memory_bytes", "min_bytes", "gbps",
-    "fraction_of_copy_bw",
+    "fraction_of_copy_bw", "fraction_of_read_bw",
 }
 TOP_FIELDS = {
-    "machine", "copy_bandwidth_gbps", "mlx_version", "package_version", "rows",
+    "machine", "copy_bandwidth_gbps", "read_bandwidth_gbps", "mlx_version", "package_version", "rows",
     "training", "metal_plan_available", "metal_plan",
 }
 MACHINE_FIELDS = {"cpu_model", "logical_cpus", "mlx_version", "package_version",
@@ -44,6 +44,10 @@ def test_json_has_promised_fields(quick_run):
     assert TOP_FIELDS <= set(result)
     assert MACHINE_FIELDS <= set(result["machine"])
     assert result["copy_bandwidth_gbps"] > 0
+    assert result["read_bandwidth_gbps"] > 0
+    for r in result["rows"]:
+        want = r["gbps"] * 5 / 6 / result["read_bandwidth_gbps"]
+        assert r["fraction_of_read_bw"] == pytest.approx(want), r
     rows = result["rows"]
     assert MLX_ARMS <= {r["arm"] for r in rows}
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
