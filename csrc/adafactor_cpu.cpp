@@ -16,7 +16,7 @@
 //   sum(u^2) = mean(r) * sum_j cf_j^2 * T_j,   T_j = sum_i g_ij^2 / r_i,
 // and r_i (the new row EMA) is known as soon as row i has been summed. When
 // a tile spans whole rows (C <= AF_CPU_COL_BLOCK), pass 1 therefore re-reads
-// each row from L1 right after summing it and accumulates T_j as column
+// each row from cache right after summing it and accumulates T_j as column
 // partials; the O(cols) rest is done with the factors. That saves pass 2, a
 // full read of g (about a fifth of the bytes of a float32 step). The sum
 // differs from pass 2's by rounding only (a few ulps: the same terms,
