@@ -97,7 +97,9 @@ nb::tuple apply_leaves(
     nb::list names,
     const AdafactorHyper& h,
     bool allow_eager) {
-  static const nb::object keys[4] = {
+  // Made per call, not static: a static Python object would be released
+  // after the interpreter has shut down.
+  const nb::object keys[4] = {
       nb::str(kRow), nb::str(kCol), nb::str(kSq), nb::str(kExpAvg)};
   const size_t n = nb::len(params);
   const bool momentum = h.flags & AF_MOMENTUM;
