@@ -167,8 +167,9 @@ def main(argv=None):
     for r in rows:
         r["fraction_of_copy_bw"] = r["gbps"] / result["copy_bandwidth_gbps"]
         # The five minimal reads alone, at the measured read bandwidth.
-        r["fraction_of_read_bw"] = (r["gbps"] * report.MIN_READS / report.MIN_TRANSFERS
-                                    / result["read_bandwidth_gbps"])
+        read_gbps = r["gbps"] * optimizer_step.MIN_READS / (
+            optimizer_step.MIN_READS + optimizer_step.MIN_WRITES_PARAM)
+        r["fraction_of_read_bw"] = read_gbps / result["read_bandwidth_gbps"]
     result["rows"] = rows
 
     if hasattr(os, "getloadavg"):

@@ -13,6 +13,7 @@ only), so no memory is allocated.
 import mlx.core as mx
 
 from . import sets as sets_mod
+from .optimizer_step import min_bytes
 from .common import dtype_name
 
 
@@ -57,7 +58,7 @@ def run(set_list, dtypes):
                 "stock_bytes_read": stock.get("bytes_read"),
                 "stock_bytes_written": stock.get("bytes_written"),
                 "param_bytes": plan.get("param_bytes", stock.get("param_bytes")),
-                "min_bytes": 6 * sets_mod.num_values(shapes) * dtype.size,
+                "min_bytes": min_bytes(sets_mod.num_values(shapes), dtype),
                 "fused_error": plan.get("error"),
                 "stock_error": stock.get("error"),
             })

@@ -24,10 +24,11 @@ from . import sets as sets_mod
 from .common import dtype_name, device_name, release_memory, summarize, time_steps
 
 MIN_READS_GRAD, MIN_READS_PARAM, MIN_WRITES_PARAM = 3, 2, 1
+MIN_READS = MIN_READS_GRAD + MIN_READS_PARAM
 
 
 def min_bytes(n_values, dtype):
-    per_value = MIN_READS_GRAD + MIN_READS_PARAM + MIN_WRITES_PARAM
+    per_value = MIN_READS + MIN_WRITES_PARAM
     return per_value * n_values * dtype.size
 
 

@@ -14,9 +14,6 @@ ARM_LABELS = {
     "torch-foreach": "torch foreach",
 }
 
-MIN_TRANSFERS = 6
-MIN_READS = 5
-
 MIN_BYTES_NOTE = (
     "Minimal bytes per step = values x element size x 6 (three reads of the "
     "gradient, two of the parameter, one write of the parameter; 2-byte "
