@@ -14,10 +14,6 @@ namespace mlx_fused_adafactor {
 
 namespace {
 
-bool is_float_storage(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
-}
-
 std::string shape_str(const mx::Shape& shape) {
   std::ostringstream os;
   os << "(";

@@ -46,6 +46,10 @@ constexpr size_t kMaxLazyOutputs = 48;
 // Parameters with at least this many dimensions use factored statistics.
 constexpr int kFactoredMinNdim = 2;
 
+inline bool is_float_storage(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
 inline bool is_factored(const mx::array& p) {
   return p.ndim() >= kFactoredMinNdim;
 }

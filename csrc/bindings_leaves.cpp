@@ -27,10 +27,6 @@ constexpr const char* kCol = "exp_avg_sq_col";
 constexpr const char* kSq = "exp_avg_sq";
 constexpr const char* kExpAvg = "exp_avg";
 
-bool is_float_storage(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
-}
-
 // str(dtype) as Python prints it, e.g. "mlx.core.int32".
 std::string dtype_str(mx::Dtype t) {
   return nb::str(nb::cast(t)).c_str();
@@ -136,7 +132,7 @@ nb::tuple apply_leaves(
   }
   for (auto& group : groups) {
     const size_t first = group.members.front();
-    if (!is_float_storage(group.p_dtype)) {
+    if (!af::is_float_storage(group.p_dtype)) {
       throw nb::type_error(
           ("[adafactor] parameter '" + name[first] + "' has dtype " +
            dtype_str(group.p_dtype) +
@@ -144,7 +140,7 @@ nb::tuple apply_leaves(
            "only.")
               .c_str());
     }
-    if (!is_float_storage(group.g_dtype)) {
+    if (!af::is_float_storage(group.g_dtype)) {
       throw nb::type_error(
           ("[adafactor] gradient '" + name[first] + "' has dtype " +
            dtype_str(group.g_dtype) +

@@ -306,10 +306,6 @@ def _compiled_reference(hyper_items):
     return fn
 
 
-def _as(x, dtype):
-    return x if x.dtype == dtype else x.astype(dtype)
-
-
 def _check_hyper(
     learning_rate, eps, clip_threshold, decay_rate, beta_1, weight_decay,
     relative_step,
