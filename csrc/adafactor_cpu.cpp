@@ -82,7 +82,7 @@ struct Tensor {
   bool needs_pass2; // sum(u^2) still to be taken by pass 2
   int64_t n;
   float inv_n;
-  float inv_c; // (float)(1.0 / C), as finish_pass1 forms the row means
+  float inv_c; // (float)(1.0 / C), for the row means
   // Factored geometry: B matrices of R x C, tiled as in NOTE: [tiles].
   int64_t B, R, C;
   int64_t cb, ncb, rb, nrb;
@@ -301,7 +301,6 @@ class CpuStep {
       if (x.fold) {
         std::fill(fold, fold + w, 0.0f);
       }
-      const AdafactorStepScalars s = s_;
       bool fold_rows_ok = true;
       // Sum in chunks of rows, then fold (NOTE: [chunked sums]).
       float* col_chunk = chunk_buffer();
@@ -330,9 +329,9 @@ class CpuStep {
           scratch[x.row_part + (it.b * x.R + r) * x.ncb + it.j] = rs;
           pp_chunk += ps;
           if (x.fold) {
-            // The new row EMA exactly as finish_pass1 will form it (there,
-            // rs is the row's only partial).
-            const float row = adafactor_ema(x.s0[it.b * x.R + r], rs * x.inv_c, s);
+            // The new row EMA as finish_pass1 forms it (rs is the row's
+            // only partial).
+            const float row = new_row(x, it.b * x.R + r, rs);
             fold_rows_ok = fold_rows_ok && row >= kFoldMinRow && row < INFINITY;
             const float inv_row = 1.0f / row;
 #pragma omp simd
@@ -388,6 +387,11 @@ class CpuStep {
     sum_p2[k] = pp;
   }
 
+  // The new row EMA of row `rr` from the sum of its g^2 + eps1.
+  float new_row(const Tensor<P, G>& x, int64_t rr, float row_sum) const {
+    return adafactor_ema(x.s0[rr], row_sum * x.inv_c, s_);
+  }
+
   static void add_row(float* acc, const float* row, int64_t n) {
 #pragma omp simd
     for (int64_t c = 0; c < n; ++c) {
@@ -410,7 +414,6 @@ class CpuStep {
       x.ts.clip_scale = adafactor_clip_scale(item_sum(sum_u2, x), x.inv_n, h_);
       return;
     }
-    const float inv_c = x.inv_c;
     const float inv_r = static_cast<float>(1.0 / static_cast<double>(x.R));
     float* row_part = scratch.data() + x.row_part;
     float* col_part = scratch.data() + x.col_part;
@@ -431,7 +434,7 @@ class CpuStep {
         for (int64_t j = 0; j < x.ncb; ++j) {
           s += row_part[rr * x.ncb + j];
         }
-        float v = adafactor_ema(x.s0[rr], s * inv_c, s_);
+        float v = new_row(x, rr, s);
         x.s0_out[rr] = v;
         row_total += v;
       }
