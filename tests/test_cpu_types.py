@@ -1,5 +1,5 @@
 """The CPU path converts float16/bfloat16 with its own branch-free code
-(csrc/cpu_types.h) so that its loops vectorize; it must round exactly as
+(csrc/cpu/types.h) so that its loops vectorize; it must round exactly as
 MLX's types do. Compiles tests/cpp/conversions.cpp against MLX's headers and
 runs it."""
 

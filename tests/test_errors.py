@@ -173,40 +173,67 @@ def test_non_array_gradient():
 
 # ---------------------------------------------------------- hyper-parameters
 
+# Values for which the step is meaningless (ValueError) or that are not
+# numbers at all (TypeError); each message names the option.
 BAD_HYPER = [
-    ({"decay_rate": 0.0}, "decay_rate"),
-    ({"decay_rate": 0.5}, "decay_rate"),
-    ({"clip_threshold": 0.0}, "clip_threshold"),
-    ({"clip_threshold": -1.0}, "clip_threshold"),
-    ({"eps": (1e-30,)}, "eps"),
-    ({"eps": (1e-30, 1e-3, 1.0)}, "eps"),
-    ({"eps": (-1e-30, 1e-3)}, "eps"),
-    ({"eps": (1e-30, -1e-3)}, "eps"),
-    ({"eps": 1e-3}, "eps"),
-    ({"eps": ("a", 1e-3)}, "eps"),
-    ({"eps": (1e-30, None)}, "eps"),
-    ({"eps": (float("nan"), 1e-3)}, "eps"),
-    ({"beta_1": -0.1}, "beta_1"),
-    ({"beta_1": 1.0}, "beta_1"),
-    ({"beta_1": 1.5}, "beta_1"),
-    ({"weight_decay": -0.01}, "weight_decay"),
-    ({"relative_step": False}, "learning_rate"),
-    ({"relative_step": False, "learning_rate": None}, "learning_rate"),
-    ({"clip_threshold": None}, "clip_threshold"),
-    ({"clip_threshold": float("nan")}, "clip_threshold"),
-    ({"decay_rate": "fast"}, "decay_rate"),
-    ({"decay_rate": float("nan")}, "decay_rate"),
-    ({"beta_1": "0.9"}, "beta_1"),
-    ({"beta_1": float("nan")}, "beta_1"),
-    ({"weight_decay": None}, "weight_decay"),
-    ({"weight_decay": float("nan")}, "weight_decay"),
+    ({"decay_rate": 0.5}, ValueError, "decay_rate"),
+    ({"clip_threshold": 0.0}, ValueError, "clip_threshold"),
+    ({"clip_threshold": -1.0}, ValueError, "clip_threshold"),
+    ({"eps": (1e-30,)}, TypeError, "eps"),
+    ({"eps": (1e-30, 1e-3, 1.0)}, TypeError, "eps"),
+    ({"eps": (-1e-30, 1e-3)}, ValueError, "eps[0]"),
+    ({"eps": (1e-30, -1e-3)}, ValueError, "eps[1]"),
+    ({"eps": 1e-3}, TypeError, "eps"),
+    ({"eps": "ab"}, TypeError, "eps"),
+    ({"eps": ("a", 1e-3)}, TypeError, "eps[0]"),
+    ({"eps": (1e-30, None)}, TypeError, "eps[1]"),
+    ({"eps": (float("nan"), 1e-3)}, ValueError, "eps[0]"),
+    ({"eps": (1e-30, float("inf"))}, ValueError, "eps[1]"),
+    ({"beta_1": -0.1}, ValueError, "beta_1"),
+    ({"beta_1": 1.5}, ValueError, "beta_1"),
+    ({"relative_step": False}, ValueError, "learning_rate"),
+    ({"relative_step": False, "learning_rate": None}, ValueError, "learning_rate"),
+    ({"clip_threshold": None}, TypeError, "clip_threshold"),
+    ({"clip_threshold": float("nan")}, ValueError, "clip_threshold"),
+    ({"clip_threshold": float("inf")}, ValueError, "clip_threshold"),
+    ({"clip_threshold": 1e300}, ValueError, "clip_threshold"),
+    ({"decay_rate": "fast"}, TypeError, "decay_rate"),
+    ({"decay_rate": float("nan")}, ValueError, "decay_rate"),
+    ({"decay_rate": -float("inf")}, ValueError, "decay_rate"),
+    ({"beta_1": "0.9"}, TypeError, "beta_1"),
+    ({"beta_1": float("nan")}, ValueError, "beta_1"),
+    ({"weight_decay": None}, TypeError, "weight_decay"),
+    ({"weight_decay": float("nan")}, ValueError, "weight_decay"),
+    ({"weight_decay": mx.array([0.1, 0.2])}, TypeError, "weight_decay"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,name", BAD_HYPER, ids=[str(k) for k, _ in BAD_HYPER])
-def test_bad_hyper_parameters_raise_at_construction(kwargs, name):
-    with pytest.raises(ValueError, match=re.escape(name)):
+@pytest.mark.parametrize("kwargs,exc,name", BAD_HYPER,
+                         ids=[str(k) for k, _, _ in BAD_HYPER])
+def test_bad_hyper_parameters_raise_at_construction(kwargs, exc, name):
+    with pytest.raises(exc, match=re.escape(name)):
         Adafactor(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,name",
+                         [c for c in BAD_HYPER if "relative_step" not in c[0]],
+                         ids=[str(k) for k, _, _ in BAD_HYPER
+                              if "relative_step" not in k])
+def test_bad_hyper_parameters_raise_on_assignment(kwargs, exc, name):
+    """An assignment after construction is checked as the constructor
+    checks, and a refused one changes nothing: neither the attribute nor
+    the next step."""
+    opt = Adafactor(beta_1=0.5)
+    params = {"w": mx.ones((2, 3))}
+    grads = {"w": mx.full((2, 3), 0.1)}
+    expected = Adafactor(beta_1=0.5).apply_gradients(grads, params)
+    (key, value), = kwargs.items()
+    before = getattr(opt, key)
+    with pytest.raises(exc, match=re.escape(name)):
+        setattr(opt, key, value)
+    assert getattr(opt, key) == before
+    got = opt.apply_gradients(grads, params)
+    assert mx.array_equal(got["w"], expected["w"]).item()
 
 
 def test_stock_fails_late_without_learning_rate():
@@ -217,15 +244,31 @@ def test_stock_fails_late_without_learning_rate():
         opt.apply_gradients({"w": mx.ones((2, 2))}, {"w": mx.ones((2, 2))})
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"beta_1": 0.0}, {"weight_decay": 0.0}, {"eps": (0.0, 0.0)}, {"eps": [1e-30, 1e-3]},
-    {"decay_rate": -1e-3}, {"clip_threshold": 1e-6}, {"beta_1": 0.999},
+# Values at the edge of what is well defined, and the value types stock
+# takes (NumPy scalars, 0-D mlx arrays): accepted, with stock's results.
+EDGE_HYPER = [
+    {"beta_1": 0.0}, {"beta_1": 1.0}, {"weight_decay": 0.0}, {"eps": (0.0, 0.0)},
+    {"eps": [1e-30, 1e-3]}, {"decay_rate": -1e-3}, {"decay_rate": 0.0},
+    {"clip_threshold": 1e-6}, {"beta_1": 0.999}, {"weight_decay": -0.01},
     {"relative_step": False, "learning_rate": 0.0},
-])
-def test_edge_hyper_parameters_accepted(kwargs):
+    {"clip_threshold": np.float32(1.0)}, {"clip_threshold": np.float64(0.5)},
+    {"clip_threshold": mx.array(2.0)}, {"decay_rate": np.float32(-0.5)},
+    {"beta_1": np.float32(0.9)}, {"weight_decay": mx.array(0.01)},
+    {"eps": (np.float32(1e-30), mx.array(1e-3))}, {"eps": np.array([1e-30, 1e-3])},
+    {"scale_parameter": np.bool_(False)}, {"clip_threshold": 2},
+]
+
+
+@pytest.mark.parametrize("kwargs", EDGE_HYPER, ids=str)
+def test_edge_hyper_parameters_accepted_as_stock(kwargs):
+    params = {"w": mx.ones((2, 3)), "b": mx.ones((3,))}
+    grads = {"w": mx.full((2, 3), 0.1), "b": mx.full((3,), 0.2)}
     opt = Adafactor(**kwargs)
-    p = opt.apply_gradients({"w": mx.ones((2, 3))}, {"w": mx.ones((2, 3))})
-    mx.eval(p)
+    stock = StockAdafactor(**kwargs)
+    for _ in range(3):
+        p = opt.apply_gradients(grads, params)
+        s = stock.apply_gradients(grads, params)
+    assert_trees_close(p, s, 1e-5, str(kwargs))
 
 
 def test_learning_rate_with_relative_step_warns():

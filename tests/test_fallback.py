@@ -1,11 +1,8 @@
-"""The pure-MLX implementation (adafactor_reference) and the routing to it on
-GPU streams without a compiled kernel (issue item 6).
-
-There is no GPU here. The routing is exercised by making mx.default_device()
-report a GPU (and the build report no GPU kernels): only those two queries
-are replaced, the fallback's math runs for
-real (mx.compile of adafactor_reference, on the CPU stream MLX actually uses).
-"""
+"""The pure-MLX implementation (NOTE: [reference]): as the oracle
+(adafactor_reference), and as the step itself when the reference backend is
+chosen (NOTE: [backend]) — the path of GPU streams without fused kernels.
+There is no GPU here; the reference runs on the CPU stream, the same graph
+it builds on any other."""
 
 import warnings
 
@@ -13,7 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-import mlx_fused_adafactor.optimizer as fused_module
+import mlx_fused_adafactor
 from afhelpers import (
     DTYPES,
     assert_close_to_max,
@@ -29,7 +26,6 @@ from afhelpers import (
     ulp,
 )
 from mlx_fused_adafactor import Adafactor, adafactor_reference
-from mlx_fused_adafactor import _ext
 
 # float32: the reference's reductions are MLX's, the fused ones are tiled;
 # on these shapes both are accurate to a few ulps (see test_parity).
@@ -45,13 +41,9 @@ OPTIONS = [
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    """mx.default_device() reports a GPU and the build has no GPU kernels
-    (as with MLX's CUDA backend; here already true, on macOS it is the
-    stated condition); the fallback warning is re-armed."""
-    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    monkeypatch.setattr(_ext, "has_metal_kernels", False)
-    monkeypatch.setattr(fused_module, "_fallback_warned", False)
+def reference_backend():
+    with mlx_fused_adafactor.backend("reference"):
+        yield
 
 
 def reference_run(p0, grads, compiled=False, **options):
@@ -115,7 +107,7 @@ def test_reference_matches_fused_low_precision(shape, dtype_name):
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=["default", "momentum", "lr", "misc"])
-def test_gpu_stream_without_kernels_falls_back_with_one_warning(fake_gpu, options):
+def test_reference_backend_matches_fused_without_warning(options):
     params = {"w": rand((31, 32), 1), "b": rand((33,), 2), "s": rand((), 3), "c": rand((2, 3, 5), 4)}
     seqs = {k: grad_seq(v.shape, 5, 10 + i) for i, (k, v) in enumerate(params.items())}
     grads = [{k: v[j] for k, v in seqs.items()} for j in range(5)]
@@ -123,25 +115,29 @@ def test_gpu_stream_without_kernels_falls_back_with_one_warning(fake_gpu, option
     opt = Adafactor(**options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        p = run(opt, params, grads)
-        p = run(opt, p, grads[:1])
-    ours = [w for w in caught if "[adafactor]" in str(w.message)]
-    assert len(ours) == 1, [str(w.message) for w in caught]
-    assert issubclass(ours[0].category, RuntimeWarning)
-    assert "gpu" in str(ours[0].message).lower()
+        with mlx_fused_adafactor.backend("reference"):
+            assert mlx_fused_adafactor.current_backend() == "reference"
+            p = run(opt, params, grads)
+    # Chosen, not fallen back to: nothing to warn about.
+    assert not [w for w in caught if "[adafactor]" in str(w.message)]
+    assert mlx_fused_adafactor.current_backend() == "auto"
 
     # Same numbers as the fused CPU path, same state layout and dtypes.
     cpu = Adafactor(**options)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
-        p_cpu = run(cpu, params, grads)
-        p_cpu = run(cpu, p_cpu, grads[:1])
-    assert_trees_close((p, opt.state), (p_cpu, cpu.state), TOL["float32"], "fallback")
+    p_cpu = run(cpu, params, grads)
+    assert_trees_close((p, opt.state), (p_cpu, cpu.state), TOL["float32"], "reference")
     for (k, a), (_, b) in zip(sorted(tree_flatten(opt.state)), sorted(tree_flatten(cpu.state))):
         assert a.dtype == b.dtype and a.shape == b.shape, k
 
 
-def test_fallback_under_compile_and_low_precision(fake_gpu):
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="MLX_FUSED_ADAFACTOR_BACKEND"):
+        with mlx_fused_adafactor.backend("metal"):
+            pass
+    assert mlx_fused_adafactor.current_backend() == "auto"
+
+
+def test_fallback_under_compile_and_low_precision(reference_backend):
     params = {"w": rand((8, 9), 1, mx.bfloat16), "b": rand((9,), 2, mx.float16)}
     grads = [{k: grad_seq(v.shape, 1, 20 + j)[0].astype(v.dtype) for k, v in params.items()} for j in range(4)]
     with warnings.catch_warnings():
@@ -158,7 +154,7 @@ def test_fallback_under_compile_and_low_precision(fake_gpu):
     assert_trees_close((p_lazy, lazy.state), (p_eager, eager.state), 0.0, "compiled fallback")
 
 
-def test_fallback_bad_input_names_path_and_changes_nothing(fake_gpu):
+def test_fallback_bad_input_names_path_and_changes_nothing(reference_backend):
     params = {"layers": [{"w": rand((4, 5), 1)}, {"w": rand((5, 3), 2), "b": rand((3,), 3)}]}
     good = {"layers": [{"w": rand((4, 5), 4)}, {"w": rand((5, 3), 5), "b": rand((3,), 6)}]}
     opt = Adafactor(beta_1=0.9)
@@ -182,3 +178,23 @@ def test_fallback_bad_input_names_path_and_changes_nothing(fake_gpu):
         with pytest.raises(ValueError, match="'layers.1.b'"):
             mx.eval(opt.apply_gradients(good, params))
         assert_unchanged(snap, params, opt)
+
+
+def test_backend_variable(tmp_path):
+    """MLX_FUSED_ADAFACTOR_BACKEND sets the backend of the process; a value
+    that is not a backend stops the import with a message naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import mlx_fused_adafactor as m; print(m.current_backend())"
+    for value, expected in (("reference", "reference"), ("fused", "fused"), ("", "auto")):
+        env = dict(os.environ, MLX_FUSED_ADAFACTOR_BACKEND=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env,
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
+    env = dict(os.environ, MLX_FUSED_ADAFACTOR_BACKEND="gpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "MLX_FUSED_ADAFACTOR_BACKEND='gpu' is not a backend" in out.stderr

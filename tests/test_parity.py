@@ -26,6 +26,7 @@ from afhelpers import (
     run,
     to64,
 )
+from mlx_fused_adafactor import Adafactor
 from reference64 import run64
 
 # Tolerances, relative to max|x| of the expected array (params and each state
@@ -336,45 +337,45 @@ def test_noncontiguous_state_and_parameters():
         assert_trees_equal(other, results[0], "views")
 
 
-def test_lazy_primitive_direct_matches_eager():
-    """_ext.adafactor_step with allow_eager=False (the lazy primitive outside
-    any transformation) gives bitwise the eager results."""
+def test_lazy_primitive_matches_eager_from_any_state():
+    """The lazy primitive (the step traced by mx.compile) gives bitwise the
+    eager results from an arbitrary state at step 7, and both are stock's
+    step from that state."""
     from mlx_fused_adafactor import _ext
 
     shapes = [(31, 33), (33,), (2, 3, 5), (), (3, 4099)]
     ps = [rand(s, 50 + i) for i, s in enumerate(shapes)]
     gs = [grad_seq(s, 1, 60 + i)[0] for i, s in enumerate(shapes)]
+    hyper = Adafactor(beta_1=0.9, weight_decay=0.01).hyper
     states = []
     for p in ps:
         if p.ndim >= 2:
-            st = [mx.abs(rand(p.shape[:-1], 70)), mx.abs(rand(p.shape[:-2] + p.shape[-1:], 71))]
+            st = {"exp_avg_sq_row": mx.abs(rand(p.shape[:-1], 70)),
+                  "exp_avg_sq_col": mx.abs(rand(p.shape[:-2] + p.shape[-1:], 71))}
         else:
-            st = [mx.abs(rand(p.shape, 72))]
-        states.append(st + [rand(p.shape, 73)])
+            st = {"exp_avg_sq": mx.abs(rand(p.shape, 72))}
+        st["exp_avg"] = rand(p.shape, 73)
+        states.append(st)
     names = [f"t{i}" for i in range(len(shapes))]
-    flags = _ext.SCALE_PARAMETER | _ext.RELATIVE_STEP | _ext.MOMENTUM | _ext.WEIGHT_DECAY
-    args = (
-        mx.array(7, mx.uint64), mx.array(0.0), ps, gs, states, names,
-        1e-30, 1e-3, 1.0, -0.8, 0.9, 1.0 - 0.9, 0.01, flags,
-    )
-    lazy = _ext.adafactor_step(*args, allow_eager=False)
-    eager = _ext.adafactor_step(*args, allow_eager=True)
-    mx.eval(lazy)
-    assert len(lazy) == len(eager) == sum(2 + (p.ndim >= 2) + 1 for p in ps)
-    assert_trees_equal(lazy, eager, "direct")
+
+    def step(ps, gs, states):
+        return _ext.apply_leaves(mx.array(7, mx.uint64), mx.array(0.0), ps, gs,
+                                 states, names, hyper)
+
+    lazy = mx.compile(step)(ps, gs, states)
+    eager = step(ps, gs, states)
+    assert_trees_equal(lazy, eager, "lazy vs eager")
     # And both are stock's step 7 from this state.
     opt = StockAdafactor(beta_1=0.9, weight_decay=0.01)
     opt.state["step"] = mx.array(7, mx.uint64)
-    i = 0
-    for p, g, st in zip(ps, gs, states):
-        keys = ["exp_avg_sq_row", "exp_avg_sq_col"] if p.ndim >= 2 else ["exp_avg_sq"]
-        state = dict(zip(keys + ["exp_avg"], st))
+    for i, (p, g, st) in enumerate(zip(ps, gs, states)):
+        state = dict(st)
         new_p = opt.apply_single(g, p, state)
-        for expected in [new_p] + [state[k] for k in keys + ["exp_avg"]]:
-            got = lazy[i]
-            tol = TOL["float32"]["LOOSE" if p.size > 10000 else "STOCK"]
-            assert_close_to_max(to64(got), to64(expected), tol, f"direct slot {i}")
-            i += 1
+        tol = TOL["float32"]["LOOSE" if p.size > 10000 else "STOCK"]
+        assert_close_to_max(to64(lazy[0][i]), to64(new_p), tol, f"{names[i]} param")
+        for k, expected in state.items():
+            assert_close_to_max(to64(lazy[1][i][k]), to64(expected), tol,
+                                f"{names[i]} {k}")
 
 
 def test_parity_check_catches_a_small_error():

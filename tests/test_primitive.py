@@ -1,10 +1,14 @@
-"""The fused step is one multi-output MLX primitive per dtype group (issue
-item 4), and the lazy primitive is the eager step (NOTE [eager step])."""
+"""The fused step is one multi-output MLX primitive per dtype group (at most
+kMaxLazyOutputs outputs each, NOTE [lazy chunks]), and the lazy primitive is
+the eager step (NOTE [eager step]). The lazy form is what mx.compile traces;
+its graph is read with mx.export_to_dot before it is evaluated."""
+
+from functools import partial
 
 import mlx.core as mx
-import mlx_fused_adafactor.optimizer as fused_module
+
 from afhelpers import assert_trees_equal, rand, run
-from mlx_fused_adafactor import Adafactor, _ext
+from mlx_fused_adafactor import Adafactor
 
 
 def primitive_nodes(arrays, tmp_path):
@@ -19,61 +23,51 @@ def primitive_nodes(arrays, tmp_path):
     return nodes
 
 
-def lazy_leaves(monkeypatch):
-    """Make the optimizer ask for the lazy primitives (the eager path would
-    return evaluated arrays without a graph); returns the list that collects,
-    per call, the arrays of each tensor: new parameter, then its state."""
-    calls = []
-    real = _ext.apply_leaves
+def compiled_step(opt, grads, params):
+    """One step under mx.compile with the state as inputs and outputs; the
+    new parameters and state are returned unevaluated."""
+    opt.init(params)
+    state = opt.state
 
-    def lazy(*args, **kwargs):
-        kwargs["allow_eager"] = False
-        new_params, new_states = real(*args, **kwargs)
-        calls.append([[p, *s.values()] for p, s in zip(new_params, new_states)])
-        return new_params, new_states
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(g, p):
+        return opt.apply_gradients(g, p)
 
-    monkeypatch.setattr(fused_module._ext, "apply_leaves", lazy)
-    return calls
+    return step(grads, params)
 
 
-def test_one_primitive_per_dtype_group(monkeypatch, tmp_path):
-    calls = lazy_leaves(monkeypatch)
+def producers(arrays, tmp_path):
+    labels = primitive_nodes(arrays, tmp_path)
+    return sum(label == "AdafactorStep" for label in labels.values())
+
+
+def test_one_primitive_per_dtype_group(tmp_path):
     params = {
         "w": rand((5, 6), 1), "b": rand((6,), 2), "s": rand((), 3), "c": rand((2, 3, 4), 4),
         "h": rand((4, 4), 5, mx.bfloat16), "hb": rand((4,), 6, mx.bfloat16),
     }
     grads = {k: rand(v.shape, 10 + i, v.dtype) for i, (k, v) in enumerate(params.items())}
     opt = Adafactor(beta_1=0.9)
-    new = opt.apply_gradients(grads, params)
-    assert len(calls) == 1
-    # Tensors in tree order: four float32, then two bfloat16.
-    groups = [sum(calls[0][:4], []), sum(calls[0][4:], [])]
-    # float32: two factored (param, row, col, exp_avg), two flat (param,
-    # exp_avg_sq, exp_avg); bfloat16: one of each.
-    assert len(groups[0]) == (1 + 2 + 1) * 2 + (1 + 1 + 1) * 2
-    assert len(groups[1]) == (1 + 2 + 1) + (1 + 1 + 1)
-    for outs in groups:
-        labels = primitive_nodes(outs, tmp_path)
-        producers = [n for n, label in labels.items() if label == "AdafactorStep"]
-        assert len(producers) == 1, labels
-    everything = [v for v in new.values()] + [
-        a for k in params for a in opt.state[k].values()
-    ]
-    labels = primitive_nodes(everything, tmp_path)
-    assert sum(label == "AdafactorStep" for label in labels.values()) == 2
+    new = compiled_step(opt, grads, params)
+    groups = [["w", "b", "s", "c"], ["h", "hb"]]
+    for names in groups:
+        outs = [new[k] for k in names] + [a for k in names for a in opt.state[k].values()]
+        # float32: two factored (param, row, col, exp_avg), two flat (param,
+        # exp_avg_sq, exp_avg); bfloat16: one of each.
+        assert len(outs) == (4 + 3) * len(names) // 2
+        assert producers(outs, tmp_path) == 1, names
+    everything = list(new.values()) + [a for k in params for a in opt.state[k].values()]
+    assert producers(everything, tmp_path) == 2
     mx.eval(new, opt.state)
 
-    monkeypatch.undo()
     eager = Adafactor(beta_1=0.9)
     expected = eager.apply_gradients(grads, params)
     assert_trees_equal((new, opt.state), (expected, eager.state), "lazy vs eager")
 
 
-# NOTE [lazy chunks] (csrc/adafactor.cpp): MLX's compile grows faster than
+# NOTE [lazy chunks] (csrc/op/adafactor.cpp): MLX's compile grows faster than
 # linearly in a primitive's sibling count, so the lazy step cuts a dtype group
-# into primitives of at most this many outputs. This relaxes the issue's "one
-# primitive per dtype group" for groups with more outputs (owner's design,
-# 9d945a4); groups up to this size are still one primitive.
+# into primitives of at most this many outputs.
 MAX_LAZY_OUTPUTS = 48
 
 
@@ -86,22 +80,18 @@ def expected_chunks(outputs_per_tensor):
     return chunks
 
 
-def test_large_group_is_chunked_and_equals_eager(monkeypatch, tmp_path):
-    calls = lazy_leaves(monkeypatch)
+def test_large_group_is_chunked_and_equals_eager(tmp_path):
     shapes = [(4, 8) if i % 3 else (16,) for i in range(40)]
     params = {f"t{i:02d}": rand(s, i) for i, s in enumerate(shapes)}
     grads = {k: rand(v.shape, 100 + i) for i, (k, v) in enumerate(params.items())}
     opt = Adafactor(beta_1=0.9)
-    new = opt.apply_gradients(grads, params)
-    assert len(calls) == 1
+    new = compiled_step(opt, grads, params)
     per_tensor = [4 if len(s) == 2 else 3 for s in shapes]
-    assert [len(t) for t in calls[0]] == per_tensor
-    labels = primitive_nodes(sum(calls[0], []), tmp_path)
-    producers = sum(label == "AdafactorStep" for label in labels.values())
-    assert producers == expected_chunks(per_tensor) > 1
+    outs = list(new.values()) + [a for k in params for a in opt.state[k].values()]
+    assert len(outs) == sum(per_tensor)
+    assert producers(outs, tmp_path) == expected_chunks(per_tensor) > 1
     mx.eval(new, opt.state)
 
-    monkeypatch.undo()
     eager = Adafactor(beta_1=0.9)
     expected = eager.apply_gradients(grads, params)
     assert_trees_equal((new, opt.state), (expected, eager.state), "chunked vs eager")

@@ -5,6 +5,7 @@
 """
 
 from ._build import ext as _ext
+from .backend import backend, current_backend
 from .checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from .optimizer import Adafactor
 from .patch import is_patched, patch_mlx, unpatch_mlx
@@ -16,6 +17,8 @@ MLX_BUILD_VERSION = _ext.mlx_build_version
 __all__ = [
     "Adafactor",
     "adafactor_reference",
+    "backend",
+    "current_backend",
     "MLX_BUILD_VERSION",
     "patch_mlx",
     "unpatch_mlx",

@@ -1,5 +1,5 @@
 // Checks that the CPU path's branch-free float16/bfloat16 conversions
-// (csrc/cpu_types.h) are bit-identical to MLX's own types: every 16-bit
+// (csrc/cpu/types.h) are bit-identical to MLX's own types: every 16-bit
 // pattern to float, and float to 16 bits over random and edge-case floats.
 // Prints the mismatch count and exits non-zero on any mismatch.
 
@@ -11,9 +11,9 @@
 
 #include "mlx/types/half_types.h"
 
-#include "cpu_types.h"
+#include "cpu/types.h"
 
-using namespace mlx_fused_adafactor;
+using namespace mlx_fused_adafactor::cpu;
 
 int main() {
   long bad = 0;

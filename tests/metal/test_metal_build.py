@@ -14,6 +14,9 @@ import pytest
 from emu import build
 from mlx_fused_adafactor._build import ext
 
+# The library's name (metal::kLibraryName, csrc/metal/plan.h).
+LIBRARY = "mlx_fused_adafactor"
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -62,14 +65,14 @@ def configured(tmp_path_factory):
 
 def test_every_kernel_file_is_compiled_into_the_library(configured):
     bdir, _ = configured
-    lib = bdir / f"{ext.METALLIB_NAME}.metallib"
+    lib = bdir / f"{LIBRARY}.metallib"
     listed = lib.read_text().splitlines()[1:]
     assert sorted(listed) == sorted(str(f) for f in build.kernel_files())
 
 
 def test_library_is_installed_beside_the_extension(configured):
     bdir, prefix = configured
-    installed = prefix / "mlx_fused_adafactor" / f"{ext.METALLIB_NAME}.metallib"
+    installed = prefix / "mlx_fused_adafactor" / f"{LIBRARY}.metallib"
     assert installed.is_file()
     # The extension's destination, as CMake would install it.
     script = (bdir / "cmake_install.cmake").read_text()

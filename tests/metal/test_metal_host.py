@@ -1,4 +1,4 @@
-"""The Metal host code (csrc/adafactor_gpu.cpp with _METAL_) type-checked
+"""The Metal host code (csrc/metal/host.cpp with _METAL_) type-checked
 against MLX's real Metal host headers, with only the metal-cpp names
 declared (host_stub/Metal/Metal.hpp): the encoder calls and the library
 lookup use MLX's API as it is. Nothing is linked or run."""
@@ -20,7 +20,7 @@ def check(defines):
         build.cxx(), "-std=c++20", "-fsyntax-only", *defines,
         f"-I{HERE / 'host_stub'}", f"-I{build.ROOT / 'csrc'}",
         f"-I{build.KERNELS}", f"-I{MLX_INCLUDE}",
-        str(build.ROOT / "csrc" / "adafactor_gpu.cpp"),
+        str(build.ROOT / "csrc" / "metal" / "host.cpp"),
     ]
     return subprocess.run(cmd, capture_output=True, text=True,
                           env=dict(os.environ))
@@ -38,4 +38,4 @@ def test_the_stub_declares_no_encoder_api_of_its_own():
     for name in ("set_input_array", "set_output_array", "dispatch_threadgroups",
                  "get_library", "get_kernel", "add_temporary"):
         assert name not in stub
-        assert name in (build.ROOT / "csrc" / "adafactor_gpu.cpp").read_text()
+        assert name in (build.ROOT / "csrc" / "metal" / "host.cpp").read_text()

@@ -36,8 +36,7 @@ MODES = {
 
 
 def hyper_of(options):
-    kw = {k: v for k, v in options.items() if k != "learning_rate"}
-    return harness.hyper_args(**kw)
+    return harness.hyper(**options)
 
 
 def make_problem(pdtype, gdtype, options, seed=0, shapes=SHAPES):

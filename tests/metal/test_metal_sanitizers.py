@@ -29,7 +29,7 @@ def problem(shapes=SHAPES):
     params = [mx.random.normal(s) for s in shapes]
     grads = [0.1 * mx.random.normal(s) for s in shapes]
     states = [oracle.init_state(s, True, mx.float32) for s in shapes]
-    return params, grads, states, harness.hyper_args(beta_1=0.9)
+    return params, grads, states, harness.hyper(beta_1=0.9)
 
 
 def run(exe, shapes=SHAPES):

@@ -1,9 +1,12 @@
 """Compile the unchanged kernels/*.metal for the CPU emulation of Metal.
 
 Modes: 'run' (every dtype), 'tsan' and 'asan' (float32 instantiations only,
-under ThreadSanitizer / AddressSanitizer), each one executable (runner.cpp
-plus the kernels); and `lint`, clang -fsyntax-only with Metal's address
-spaces. Builds are cached under build/metal-emu by a hash of their inputs.
+under ThreadSanitizer / AddressSanitizer), each one executable: the kernels
+and gpu.cpp (the emulated GPU, compiled as Metal against the test doubles of
+include/), and host.cpp with the package's launch plan (csrc/metal,
+csrc/schema, compiled as the host C++ it is); and `lint`, clang
+-fsyntax-only with Metal's address spaces. Builds are cached under
+build/metal-emu by a hash of their inputs.
 """
 
 import hashlib
@@ -18,7 +21,16 @@ from .rewrite import rewrite
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 KERNELS = ROOT / "kernels"
+CSRC = ROOT / "csrc"
 INCLUDE = HERE / "include"
+# The package's host code of the Metal path, compiled into the emulator.
+HOST_SOURCES = [
+    HERE / "host.cpp",
+    CSRC / "metal" / "plan.cpp",
+    CSRC / "metal" / "traffic.cpp",
+    CSRC / "schema" / "slots.cpp",
+    CSRC / "schema" / "hyper.cpp",
+]
 CACHE = Path(os.environ.get("EMU_CACHE", ROOT / "build" / "metal-emu"))
 
 COMMON = [
@@ -102,8 +114,16 @@ def _digest(paths, extra):
     return h.hexdigest()[:16]
 
 
+def mlx_include():
+    import mlx.core
+
+    return Path(mlx.core.__file__).parent / "include"
+
+
 def _inputs(sources):
-    deps = list(sources) + [HERE / "runner.cpp", HERE / "rewrite.py"]
+    deps = list(sources) + [HERE / "gpu.cpp", HERE / "emu.h", HERE / "rewrite.py"]
+    deps += HOST_SOURCES + list((CSRC / "metal").glob("*.h"))
+    deps += list((CSRC / "schema").glob("*.h"))
     deps += list(INCLUDE.rglob("*")) + list(KERNELS.glob("*.h"))
     return [p for p in deps if Path(p).is_file()]
 
@@ -131,20 +151,25 @@ def build(mode, sources=None, include_dirs=()):
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    procs, objs = [], []
+    # (compile flags, source) per object: the kernels and the emulated GPU
+    # as Metal, the host side as plain C++ against MLX's headers.
     units = []
-    for s in sources:
-        gen = tmp / (s.stem + ".cpp")
-        gen.write_text(rewrite(s.read_text(), str(s), "run"))
-        units.append(gen)
-    units.append(HERE / "runner.cpp")
+    for src in sources:
+        gen = tmp / (src.stem + ".cpp")
+        gen.write_text(rewrite(src.read_text(), str(src), "run"))
+        units.append((flags + incs, gen))
+    units.append((flags + incs, HERE / "gpu.cpp"))
+    host_flags = [f for f in flags if f != "-D__METAL__"] + [
+        f"-I{HERE}", f"-I{CSRC}", f"-I{KERNELS}", f"-I{mlx_include()}"]
+    units += [(host_flags, src) for src in HOST_SOURCES]
+    procs, objs = [], []
     # Two compilers at a time: the machine has two cores.
-    for k, unit in enumerate(units):
+    for k, (unit_flags, unit) in enumerate(units):
         obj = tmp / f"{k}_{unit.stem}.o"
         objs.append(obj)
         procs.append(
             (unit, subprocess.Popen(
-                [cxx(), *flags, *incs, "-c", str(unit), "-o", str(obj)],
+                [cxx(), *unit_flags, "-c", str(unit), "-o", str(obj)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         )
         if len(procs) >= 2 or k == len(units) - 1:

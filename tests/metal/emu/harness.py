@@ -1,11 +1,14 @@
-"""Run one fused Adafactor step on the emulator, through the launch plan.
+"""Run one fused Adafactor step on the emulator.
 
-The plan comes from the extension (`metal_plan_for_inputs`: the code that
-eval_gpu runs on the primitive's inputs); every array, scratch region and by-value argument becomes its own
-exact-size buffer of the emulator, outputs and scratch start as NaN bytes,
-and the dispatches run in plan order.
+The emulator computes the launch plan itself, with the package's code (the
+plan eval_gpu encodes); every array, scratch region and by-value argument is
+its own exact-size buffer of the emulator, outputs and scratch start as NaN
+bytes, and the dispatches run in plan order. Hyper-parameters are an
+`_ext.Hyper` (tests build it with `hyper(**options)`); the emulator takes
+its bytes, exactly as a kernel reads them.
 """
 
+import json
 import os
 import re
 import shutil
@@ -16,7 +19,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_fused_adafactor._build import ext
+from mlx_fused_adafactor.optimizer import hyper_parameters as hyper
 
 _RAW = {mx.float32: mx.uint32, mx.float16: mx.uint16, mx.bfloat16: mx.uint16}
 _NP = {mx.uint32: np.uint32, mx.uint16: np.uint16}
@@ -38,89 +41,71 @@ def from_bytes(data, dtype, shape):
     return arr.reshape(shape)
 
 
-def hyper_args(eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8,
-               beta_1=None, weight_decay=0.0, scale_parameter=True,
-               relative_step=True, warmup_init=False):
-    """Positional hyper-parameters of metal_plan / adafactor_step."""
-    flags = 0
-    flags |= ext.SCALE_PARAMETER if scale_parameter else 0
-    flags |= ext.RELATIVE_STEP if relative_step else 0
-    flags |= ext.WARMUP_INIT if warmup_init else 0
-    flags |= ext.MOMENTUM if beta_1 is not None else 0
-    flags |= ext.WEIGHT_DECAY if weight_decay != 0 else 0
-    b1 = 0.0 if beta_1 is None else float(beta_1)
-    return (eps[0], eps[1], clip_threshold, decay_rate, b1, 1.0 - b1,
-            weight_decay, flags)
+def _nbytes(dtype, shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n * mx.zeros((), dtype).itemsize
 
 
-def slot_arrays(step, lr, params, grads, states):
-    """Inputs of the primitive (NOTE: [slot layout]) and the dtype and shape
-    of each output."""
-    inputs = [step, lr]
-    outputs = []
-    for p, g, st in zip(params, grads, states):
-        inputs += [p, g, *st]
-        outputs.append((p.dtype, p.shape))
-        for s in st:
-            outputs.append((s.dtype, s.shape))
-    return inputs, outputs
+def job_text(hyper, tensors, input_sizes=(), output_sizes=(), alias=False):
+    """The emulator's job: `tensors` is a list of (param dtype token, grad
+    dtype token, shape)."""
+    lines = [f"hyper {bytes(hyper).hex()}", f"alias {int(alias)}"]
+    for pt, gt, shape in tensors:
+        lines.append(" ".join(["tensor", pt, gt, str(len(shape)),
+                               *map(str, shape)]))
+    lines.append(" ".join(["inputs", str(len(input_sizes)),
+                           *map(str, input_sizes)]))
+    lines.append(" ".join(["outputs", str(len(output_sizes)),
+                           *map(str, output_sizes)]))
+    return "\n".join(lines) + "\n"
+
+
+def plan(exe, hyper, shapes, param_type="float32", grad_type="float32",
+         n_states=None):
+    """The launch plan of one step over tensors of `shapes`, as a dict (with
+    each binding's traffic, for reports)."""
+    from mlx_fused_adafactor import _ext
+
+    tensors = [(param_type, grad_type, tuple(s)) for s in shapes]
+    ins, outs = [], []
+    for _, _, shape in tensors:
+        state = _ext.init_state(mx.zeros(shape), hyper)
+        ins += [0, 0, *[0] * len(state)]
+        outs += [0, *[0] * len(state)]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job"
+        job.write_text(job_text(hyper, tensors, [0, 0] + ins, outs))
+        proc = subprocess.run([str(exe), "--plan", str(job)],
+                              capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EmulatorError(proc.returncode, proc.stderr)
+    return json.loads(proc.stdout)
 
 
 def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
-             plan=None, timeout=600):
+             timeout=600):
     """New params and states after one step on the emulator `exe`.
 
-    `alias`: outputs the plan lets take their input's buffer share it, as
-    on a Metal device when MLX donates the input. Raises EmulatorError with
-    the emulator's output when it fails (sanitizer reports included)."""
-    step = mx.array(step, mx.float32)
-    lr = mx.array(lr, mx.float32)
-    inputs, outputs = slot_arrays(step, lr, params, grads, states)
-    # The plan eval_gpu would encode for these inputs.
-    plan = plan or ext.metal_plan_for_inputs(inputs, *hyper)
-    sizes, blobs = [], []
-
-    def add(blob):
-        sizes.append(len(blob))
-        blobs.append(blob)
-        return len(sizes) - 1
-
-    in_ids = [add(to_bytes(a)) for a in inputs]
-    donated = dict(plan["donations"]) if alias else {}
-    out_ids = []
-    for k, (dtype, shape) in enumerate(outputs):
-        if k in donated:
-            out_ids.append(in_ids[donated[k]])
-        else:
-            n = int(np.prod(shape)) if shape else 1
-            out_ids.append(add(b"\xff" * (n * mx.zeros((), dtype).itemsize)))
-    regions = {}
-    lines = []
-    for d in plan["dispatches"]:
-        binds = []
-        for b in d["bindings"]:
-            src = b["source"]
-            if src == "input":
-                buf = in_ids[b["array"]]
-            elif src == "output":
-                buf = out_ids[b["array"]]
-            elif src == "scratch":
-                key = (b["offset"], b["size"])
-                if key not in regions:
-                    regions[key] = add(b"\xff" * b["size"])
-                buf = regions[key]
-            else:
-                buf = add(b["bytes"])
-            binds.append(f"{b['index']} {buf}")
-        lines.append(
-            "dispatch {} {} {} {} {} {} {} {} {}".format(
-                d["kernel"], *d["grid"], *d["group"], len(binds), " ".join(binds)
-            )
-        )
+    `states[i]` lists tensor i's state arrays in slot order. `alias`:
+    outputs the plan lets take their input's buffer share it, as on a Metal
+    device when MLX donates the input. Raises EmulatorError with the
+    emulator's output when it fails (sanitizer reports included)."""
+    inputs = [mx.array(step, mx.float32), mx.array(lr, mx.float32)]
+    outputs = []
+    tensors = []
+    for p, g, st in zip(params, grads, states):
+        tensors.append((dtype_token(p.dtype), dtype_token(g.dtype), p.shape))
+        inputs += [p, g, *st]
+        outputs.append((p.dtype, p.shape))
+        outputs += [(s.dtype, s.shape) for s in st]
+    blobs = [to_bytes(a) for a in inputs]
+    job = job_text(hyper, tensors, [len(b) for b in blobs],
+                   [_nbytes(d, s) for d, s in outputs], alias)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        job = ["buffers %d" % len(sizes)] + [str(s) for s in sizes] + lines
-        (tmp / "job").write_text("\n".join(job) + "\n")
+        (tmp / "job").write_text(job)
         (tmp / "in").write_bytes(b"".join(blobs))
         proc = subprocess.run(
             [str(exe), str(tmp / "job"), str(tmp / "in"), str(tmp / "out")],
@@ -130,11 +115,11 @@ def run_step(exe, step, lr, params, grads, states, hyper, alias=False,
         if proc.returncode != 0 or "WARNING: ThreadSanitizer" in proc.stderr:
             raise EmulatorError(proc.returncode, symbolize(proc.stderr, exe))
         data = (tmp / "out").read_bytes()
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    result = []
-    for k, (dtype, shape) in enumerate(outputs):
-        i = out_ids[k]
-        result.append(from_bytes(data[offsets[i]:offsets[i + 1]], dtype, shape))
+    result, offset = [], 0
+    for dtype, shape in outputs:
+        n = _nbytes(dtype, shape)
+        result.append(from_bytes(data[offset:offset + n], dtype, shape))
+        offset += n
     new_params, new_states, k = [], [], 0
     for st in states:
         new_params.append(result[k])

@@ -1,5 +1,5 @@
-"""Oracles of the kernel tests: the CPU primitive, stock MLX Adafactor, and
-a float64 NumPy transcription of python/mlx_fused_adafactor/reference.py."""
+"""Oracles of the kernel tests: the fused CPU step, stock MLX Adafactor, and
+a float64 NumPy transcription of the reference (csrc/op/reference.cpp)."""
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -20,19 +20,17 @@ def init_state(shape, momentum, dtype):
 
 
 def cpu_step(step, lr, params, grads, states, hyper):
-    """The CPU primitive (csrc/adafactor_cpu.cpp)."""
+    """The fused CPU step (csrc/cpu), through the entry the optimizer uses;
+    states are lists in slot order, as the emulator takes them."""
+    keys = [list(ext.init_state(p, hyper)) for p in params]
     with mx.stream(mx.cpu):
-        outs = ext.adafactor_step(
+        new_params, new_dicts = ext.apply_leaves(
             mx.array(step, mx.float32), mx.array(lr, mx.float32), params,
-            grads, states, [f"t{i}" for i in range(len(params))], *hyper,
+            grads, [dict(zip(k, st)) for k, st in zip(keys, states)],
+            [f"t{i}" for i in range(len(params))], hyper,
         )
-        mx.eval(outs)
-    new_params, new_states, k = [], [], 0
-    for st in states:
-        new_params.append(outs[k])
-        new_states.append(outs[k + 1:k + 1 + len(st)])
-        k += 1 + len(st)
-    return new_params, new_states
+        mx.eval(new_params, new_dicts)
+    return new_params, [[d[x] for x in k] for k, d in zip(keys, new_dicts)]
 
 
 def stock_optimizer(options):

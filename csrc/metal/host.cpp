@@ -1,15 +1,14 @@
 // The GPU entry of the fused step. Metal builds encode the launch plan of
-// csrc/metal_plan.h, whose kernels are in kernels/*.metal; other GPU
-// backends (CUDA) never reach this primitive: the Python layer runs the
-// compiled pure-MLX fallback on them instead.
+// plan.h, whose kernels are in kernels/*.metal; other builds (CUDA) have no
+// GPU kernels, and the op runs the reference there (NOTE: [backend]).
 //
 // Only encoding lives here: which kernel runs on what grid with which
 // buffers is the plan's decision, and tests/metal runs the same plan on a
 // CPU emulation of Metal.
 
-#include <stdexcept>
+#include "metal/metal.h"
 
-#include "adafactor.h"
+#include <stdexcept>
 
 #ifdef _METAL_
 #include <dlfcn.h>
@@ -21,20 +20,15 @@
 #include "mlx/backend/gpu/copy.h"
 #include "mlx/backend/metal/device.h"
 
-#include "metal_plan.h"
+#include "metal/plan.h"
+#include "schema/slots.h"
 #endif
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::metal {
 
 #ifdef _METAL_
 
-bool has_metal_kernels() {
-  return true;
-}
-
 namespace {
-
-namespace mp = metal_plan;
 
 // The directory of this binary, where CMake installs the .metallib.
 std::string current_binary_dir() {
@@ -46,6 +40,38 @@ std::string current_binary_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
+}
+
+// MLX's name of a float dtype, as in the kernels' host names.
+std::string dtype_token(mx::Dtype t) {
+  switch (t) {
+    case mx::float32:
+      return "float32";
+    case mx::float16:
+      return "float16";
+    case mx::bfloat16:
+      return "bfloat16";
+    default:
+      throw std::invalid_argument(
+          "[adafactor] the Metal kernels take float32, float16 and bfloat16.");
+  }
+}
+
+// The tensors of the primitive's inputs, as the plan needs them.
+std::vector<TensorDesc> describe(
+    const SlotLayout& layout,
+    const std::vector<mx::array>& inputs) {
+  std::vector<TensorDesc> tensors;
+  tensors.reserve(layout.size());
+  for (const auto& t : layout.tensors()) {
+    const auto& p = inputs[t.param_in()];
+    tensors.push_back(
+        {std::vector<int64_t>(p.shape().begin(), p.shape().end()),
+         dtype_token(p.dtype()),
+         dtype_token(inputs[t.grad_in()].dtype()),
+         t});
+  }
+  return tensors;
 }
 
 // Give `out` a buffer: its input's when the plan allows it and MLX says the
@@ -62,16 +88,25 @@ void alloc_output(const mx::array* in, mx::array& out) {
 
 } // namespace
 
-void AdafactorStep::eval_gpu(
+bool has_kernels() {
+  return true;
+}
+
+bool kernels_ready(const mx::Stream&, std::string&) {
+  return true;
+}
+
+void eval(
+    const AdafactorHyper& h,
     const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
-  if (inputs.size() <= kFirstTensorIdx) {
+    std::vector<mx::array>& outputs,
+    mx::Stream s) {
+  const auto layout = SlotLayout::of_inputs(inputs, h);
+  if (layout.size() == 0) {
     return;
   }
-  auto& s = stream();
   auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
-  const bool momentum = hyper_.flags & AF_MOMENTUM;
 
   // Kernels index row-contiguous data.
   std::vector<mx::array> ins;
@@ -85,8 +120,7 @@ void AdafactorStep::eval_gpu(
     }
   }
 
-  const mp::Plan plan =
-      mp::make_plan(hyper_, mp::describe_inputs(ins, momentum));
+  const Plan plan = make_plan(h, describe(layout, ins));
 
   // Outputs first: donation must be decided before anything else holds the
   // inputs.
@@ -99,47 +133,44 @@ void AdafactorStep::eval_gpu(
   }
   mx::array scratch(
       {static_cast<int>(std::max<int64_t>(plan.scratch_bytes, 256) / 4)},
-      mx::float32, nullptr, {});
+      mx::float32,
+      nullptr,
+      {});
   scratch.set_data(mx::allocator::malloc(scratch.nbytes()));
   enc.add_temporary(scratch);
 
-  // Encode the plan. Empty arrays are never indexed; they are bound to the
-  // scratch buffer so that every declared index has a buffer.
-  auto lib = d.get_library(mp::kMetallibName, current_binary_dir());
+  // Encode the plan: what a dispatch writes is bound as an output, the rest
+  // as inputs, so MLX orders the dispatches (NOTE: [buffer indices]). Empty
+  // arrays are never indexed; they are bound to the scratch buffer so that
+  // every declared index has a buffer.
+  auto lib = d.get_library(kLibraryName, current_binary_dir());
   for (const auto& disp : plan.dispatches) {
     enc.set_compute_pipeline_state(d.get_kernel(disp.kernel, lib));
     for (const auto& b : disp.bindings) {
       switch (b.source) {
-        case mp::Source::Input: {
-          const auto& a = ins[b.array];
+        case Source::Input:
+        case Source::Output: {
+          const mx::array& a = b.source == Source::Input ? ins[b.array]
+                                                         : outputs[b.array];
           if (a.nbytes() == 0) {
             enc.set_input_array(scratch, b.index);
+          } else if (b.writes()) {
+            enc.set_output_array(const_cast<mx::array&>(a), b.index);
           } else {
             enc.set_input_array(a, b.index);
           }
           break;
         }
-        case mp::Source::Output: {
-          auto& a = outputs[b.array];
-          if (a.nbytes() == 0) {
-            enc.set_input_array(scratch, b.index);
-          } else if (b.bytes_written == 0 && b.bytes_read > 0) {
-            enc.set_input_array(a, b.index);
-          } else {
-            enc.set_output_array(a, b.index);
-          }
-          break;
-        }
-        case mp::Source::Scratch:
-          if (b.bytes_written > 0) {
+        case Source::Scratch:
+          if (b.writes()) {
             enc.set_output_array(scratch, b.index, b.offset);
           } else {
             enc.set_input_array(scratch, b.index, b.offset);
           }
           break;
-        case mp::Source::Bytes:
-          enc.set_bytes(b.bytes.data(), static_cast<int>(b.bytes.size()),
-                        b.index);
+        case Source::Bytes:
+          enc.set_bytes(
+              b.bytes.data(), static_cast<int>(b.bytes.size()), b.index);
           break;
       }
     }
@@ -151,18 +182,25 @@ void AdafactorStep::eval_gpu(
 
 #else
 
-bool has_metal_kernels() {
+bool has_kernels() {
   return false;
 }
 
-void AdafactorStep::eval_gpu(
+bool kernels_ready(const mx::Stream&, std::string& why) {
+  why = "this build has no fused kernels for the GPU";
+  return false;
+}
+
+void eval(
+    const AdafactorHyper&,
     const std::vector<mx::array>&,
-    std::vector<mx::array>&) {
+    std::vector<mx::array>&,
+    mx::Stream) {
   throw std::runtime_error(
-      "[adafactor] this build has no GPU kernels; the optimizer runs the "
-      "pure-MLX fallback on GPU streams.");
+      "[adafactor] this build has no GPU kernels; the step runs the "
+      "reference implementation on GPU streams.");
 }
 
 #endif
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::metal

@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::cpu {
 
 struct bf16 {
   uint16_t bits;
@@ -84,4 +84,4 @@ inline f16 from_float<f16>(float v) {
   return f16{static_cast<uint16_t>(sign | (nan ? 0x7D00u : bits))};
 }
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::cpu

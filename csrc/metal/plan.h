@@ -1,10 +1,12 @@
 // The launch plan of the Metal kernels: plain C++, no Metal types.
 //
 // For one step of the fused primitive it says, per dispatch, which kernel of
-// kernels/*.metal runs, on what grid, with which buffer at which index, and
-// where the scratch lives. The Metal host (adafactor_gpu.cpp) only encodes a
-// plan; the tests run the same plan on a CPU emulation of Metal
-// (tests/metal), and the Python API counts its dispatches and bytes.
+// kernels/*.metal runs, on what grid, with which buffer at which index and
+// how the kernel accesses it, and where the scratch lives. The Metal host
+// (host.cpp) only encodes a plan; the emulator of tests/metal runs the same
+// plan on a CPU emulation of Metal. What a plan moves in bytes is a
+// separate, reporting-only computation (traffic.h) that the host never
+// reads.
 
 #pragma once
 
@@ -14,43 +16,48 @@
 #include <utility>
 #include <vector>
 
-#include "mlx/array.h"
-
 #include "adafactor_args.h"
 #include "adafactor_math.h"
+#include "schema/slots.h"
 
-namespace mlx_fused_adafactor::metal_plan {
+namespace mlx_fused_adafactor::metal {
 
-// The Metal library: <title>.metallib next to the extension.
-constexpr const char* kMetallibName = "mlx_fused_adafactor";
+// The Metal library: <title>.metallib next to the extension, or the
+// embedded source compiled at run time under this name.
+constexpr const char* kLibraryName = "mlx_fused_adafactor";
 
 // What the plan needs to know of one tensor of the step.
 struct TensorDesc {
   std::vector<int64_t> shape;
   std::string param_type; // MLX dtype token: float32, float16 or bfloat16
   std::string grad_type;
-  int param_itemsize;
-  int grad_itemsize;
+  TensorSlots slots; // where its arrays are (NOTE: [slot layout])
 };
 
 // Where a bound buffer comes from.
 enum class Source {
-  Input, // inputs[array] of the primitive (NOTE: [slot layout])
+  Input, // inputs[array] of the primitive
   Output, // outputs[array]
   Scratch, // [offset, offset + size) of the step's float32 scratch buffer
   Bytes, // `bytes`, passed by value (set_bytes)
 };
 
+// How the kernel uses a buffer. The host binds what a dispatch writes as an
+// output and the rest as inputs, so MLX orders the dispatches that touch it.
+enum class Access { Read, Write, ReadWrite };
+
 struct Binding {
   int index; // the kernel's [[buffer(index)]]
   Source source;
+  Access access = Access::Read;
   int64_t array = 0; // Input, Output
   int64_t offset = 0; // Scratch: byte offset
   int64_t size = 0; // Scratch, Bytes: bytes
   std::vector<uint8_t> bytes; // Bytes
-  // Bytes one dispatch reads and writes through this binding.
-  int64_t bytes_read = 0;
-  int64_t bytes_written = 0;
+
+  bool writes() const {
+    return access != Access::Read;
+  }
 };
 
 struct Dispatch {
@@ -58,7 +65,7 @@ struct Dispatch {
   int tensor; // index of the tensor in the step
   std::array<int64_t, 3> grid; // threadgroups per grid
   std::array<int64_t, 3> group; // threads per threadgroup
-  std::vector<Binding> bindings;
+  std::vector<Binding> bindings; // by index
 };
 
 struct Plan {
@@ -70,20 +77,11 @@ struct Plan {
 };
 
 // Geometry of a tensor (NOTE: [factored tiles]); `small` if it runs in one
-// threadgroup.
+// threadgroup. Throws std::invalid_argument for tensors the kernels cannot
+// index.
 AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small);
 
-// The plan of one step; tensors in the order of the primitive's inputs.
-// Throws std::invalid_argument for tensors the kernels cannot index.
+// The plan of one step.
 Plan make_plan(const AdafactorHyper& h, const std::vector<TensorDesc>& tensors);
 
-// MLX's name of a float dtype, as in the kernels' host names ("float32",
-// "float16", "bfloat16"); throws for other dtypes.
-std::string dtype_token(mlx::core::Dtype t);
-
-// The tensors of the primitive's inputs (NOTE: [slot layout]).
-std::vector<TensorDesc> describe_inputs(
-    const std::vector<mlx::core::array>& inputs,
-    bool momentum);
-
-} // namespace mlx_fused_adafactor::metal_plan
+} // namespace mlx_fused_adafactor::metal

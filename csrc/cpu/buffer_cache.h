@@ -18,7 +18,7 @@
 
 #include "mlx/allocator.h"
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::cpu {
 
 class BufferCache {
  public:
@@ -42,4 +42,4 @@ class BufferCache {
   size_t limit_ = 0;
 };
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::cpu

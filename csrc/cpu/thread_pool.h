@@ -18,7 +18,7 @@
 #include <thread>
 #include <vector>
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::cpu {
 
 class ThreadPool {
  public:
@@ -62,4 +62,4 @@ class ThreadPool {
   bool stop_ = false;
 };
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::cpu

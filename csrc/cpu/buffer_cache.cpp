@@ -1,8 +1,8 @@
-#include "buffer_cache.h"
+#include "cpu/buffer_cache.h"
 
 #include <cstdlib>
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::cpu {
 
 namespace alloc = mlx::core::allocator;
 
@@ -73,4 +73,4 @@ size_t BufferCache::cached_bytes() {
   return cached_;
 }
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::cpu

@@ -1,10 +1,10 @@
-#include "parallel.h"
+#include "cpu/thread_pool.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <string>
 
-namespace mlx_fused_adafactor {
+namespace mlx_fused_adafactor::cpu {
 
 ThreadPool& ThreadPool::instance() {
   static ThreadPool pool([] {
@@ -96,4 +96,4 @@ void ThreadPool::parallel_for(
   fn_ = nullptr;
 }
 
-} // namespace mlx_fused_adafactor
+} // namespace mlx_fused_adafactor::cpu

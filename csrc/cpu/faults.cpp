@@ -1,0 +1,42 @@
+// NOTE: [fault switch]; compiled only into builds with AF_FAULTS.
+
+#include "cpu/faults.h"
+
+#if defined(AF_FAULTS)
+
+#include <cstdlib>
+
+namespace mlx_fused_adafactor::cpu {
+
+bool fault_active(Fault f) {
+  static const int selected = [] {
+    const char* env = std::getenv("MLX_FUSED_ADAFACTOR_FAULT");
+    return env ? std::atoi(env) : 0;
+  }();
+  return static_cast<int>(f) == selected;
+}
+
+const char* fault_name(Fault f) {
+  switch (f) {
+    case Fault::DropLastColumn:
+      return "drop_last_column";
+    case Fault::RowMeanOverColumns:
+      return "row_mean_over_columns";
+    case Fault::CombineOrderByThreads:
+      return "combine_order_by_threads";
+    case Fault::UpdateRoundedEarly:
+      return "update_rounded_early";
+    case Fault::FlatWithoutEps1:
+      return "flat_without_eps1";
+    case Fault::NoClipping:
+      return "no_clipping";
+    case Fault::FoldWeightsByCf:
+      return "fold_weights_by_cf";
+    default:
+      return "none";
+  }
+}
+
+} // namespace mlx_fused_adafactor::cpu
+
+#endif

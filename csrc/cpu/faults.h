@@ -1,0 +1,37 @@
+// Planted faults of the CPU path, for the tests that show the CPU tests
+// catch a broken kernel.
+//
+// NOTE: [fault switch]
+// A build configured with MFA_FAULTS=ON (only tests/support/variants.py
+// makes one; it is never installed) defines AF_FAULTS: each AF_FAULT(f) in
+// the passes then asks whether fault f was selected by the environment
+// variable MLX_FUSED_ADAFACTOR_FAULT, and tests/test_faults.py runs the CPU
+// tests once per fault, each of which must fail. In every other build
+// AF_FAULT is the constant `false`, so the faults compile away and the
+// shipped code is the code without them.
+
+#pragma once
+
+namespace mlx_fused_adafactor::cpu {
+
+enum class Fault : int {
+  None = 0,
+  DropLastColumn, // column partial sums leave out the last column of a tile
+  RowMeanOverColumns, // the mean of the row state divides by the columns
+  CombineOrderByThreads, // tile sums combined in a thread-dependent order
+  UpdateRoundedEarly, // the update is rounded before the subtraction
+  FlatWithoutEps1, // eps1 left out of the 1-D second moment
+  NoClipping, // the update is never clipped
+  FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
+  Count,
+};
+
+#if defined(AF_FAULTS)
+bool fault_active(Fault f);
+const char* fault_name(Fault f);
+#define AF_FAULT(f) (::mlx_fused_adafactor::cpu::fault_active(f))
+#else
+#define AF_FAULT(f) false
+#endif
+
+} // namespace mlx_fused_adafactor::cpu

@@ -1,0 +1,324 @@
+// The passes of the CPU step over one work item (NOTE: [tiles]).
+//
+// NOTE: [three passes]
+// A factored tensor needs the row and column means of g^2 + eps1 before it
+// can form the update, and the RMS of the whole update before it can clip it:
+//   pass 1  sum(p^2), row and column sums of g^2 + eps1        (reads p, g)
+//   --      row/column EMAs and rsqrt factors, O(rows + cols)
+//   pass 2  sum(u^2) of the unclipped update                   (reads g)
+//   pass 3  clip, lr, momentum, weight decay, write p          (reads p, g)
+// A non-factored tensor updates its second moment element-wise, so pass 1
+// also writes exp_avg_sq and sums u^2, and pass 2 is skipped. Pass 2 is
+// also skipped for most factored tensors, see NOTE: [folded update sum].
+//
+// NOTE: [folded update sum]
+// With u_ij = rf_i cf_j g_ij, rf_i^2 = mean(r) / r_i and cf_j^2 = 1 / c_j,
+//   sum(u^2) = mean(r) * sum_j cf_j^2 * T_j,   T_j = sum_i g_ij^2 / r_i,
+// and r_i (the new row EMA) is known as soon as row i has been summed. When
+// a tile spans whole rows (C <= AF_CPU_COL_BLOCK), pass 1 therefore re-reads
+// each row from cache right after summing it and accumulates T_j as column
+// partials; the O(cols) rest is done with the factors. That saves pass 2, a
+// full read of g (about a fifth of the bytes of a float32 step). The sum
+// differs from pass 2's by rounding only (a few ulps: the same terms,
+// associated differently). Where the shortcut could lose range (a row EMA
+// below kFoldMinRow, so 1/r_i could overflow; any NaN or Inf) the tensor
+// runs pass 2 instead, so special values behave exactly as in stock.
+//
+// NOTE: [chunked sums]
+// A float32 running sum over n terms loses about sqrt(n) ulps; a tile of a
+// tall matrix (N, 1) holds 65536 rows, which made its column sums and
+// sum(p^2) as inexact as MLX's own reductions (~2e-5 relative). Sums
+// therefore run in chunks of kSumChunk rows (or elements), and the chunk
+// sums are folded into the tile's sum. The order is still fixed by the
+// shapes alone.
+//
+// NOTE: [simd clones]
+// The passes are built twice on x86-64, for the baseline (SSE2) and for
+// AVX2, and the loader picks the clone the machine supports. AVX2 doubles
+// the lanes of the float16/bfloat16 conversions, which otherwise keep the
+// low-precision step short of memory bandwidth.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "adafactor_math.h"
+#include "cpu/faults.h"
+#include "cpu/tensor.h"
+#include "cpu/types.h"
+
+namespace mlx_fused_adafactor::cpu {
+
+// Sanitizer builds take one clone: ifunc resolvers run before the
+// sanitizer runtime is set up.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define AF_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define AF_SIMD_CLONES
+#endif
+
+// NOTE: [chunked sums]
+constexpr int64_t kSumChunk = 256;
+
+// NOTE: [folded update sum]: the smallest row EMA the fold takes.
+constexpr float kFoldMinRow = 1e-32f;
+
+template <typename T>
+inline float load(const T* x, int64_t i) {
+  return to_float(x[i]);
+}
+
+template <typename T>
+inline void store(T* x, int64_t i, float v) {
+  x[i] = from_float<T>(v);
+}
+
+// Per-thread sums of one chunk of rows: column sums of g^2 + eps1, then the
+// T_j of NOTE: [folded update sum]. On the heap: 128 KiB is too much for
+// some thread stacks (512 KiB on macOS).
+inline float* chunk_buffer() {
+  thread_local std::vector<float> buffer(2 * AF_CPU_COL_BLOCK);
+  return buffer.data();
+}
+
+// The new row EMA of row `rr` from the sum of its g^2 + eps1.
+template <typename P, typename G>
+inline float new_row(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    int64_t rr,
+    float row_sum,
+    const AdafactorStepScalars& s) {
+  return adafactor_ema(x.row[rr], row_sum * t.geo.inv_cols, s);
+}
+
+// Pass 1 of a factored tile: row sums, column partials, sum(p^2) and, when
+// the tile spans whole rows, the T_j partials (NOTE: [folded update sum]).
+template <typename P, typename G>
+AF_SIMD_CLONES ItemSums pass1_factored(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    const Item& it,
+    const AdafactorHyper h,
+    const AdafactorStepScalars s,
+    float* scratch) {
+  const Geometry& geo = t.geo;
+  const TileRange tile = tile_range(t.tiles, geo.rows, geo.cols, it);
+  const int64_t w = tile.c1 - tile.c0;
+  const int64_t mat = static_cast<int64_t>(it.matrix) * geo.rows;
+  const size_t part =
+      (it.matrix * t.tiles.n_row_blocks + it.row_block) * geo.cols + tile.c0;
+  float* col = scratch + t.scratch.col_part + part;
+  float* fold = scratch + t.scratch.fold_part + part;
+  float* row_part = scratch + t.scratch.row_part;
+  std::fill(col, col + w, 0.0f);
+  if (t.fold) {
+    std::fill(fold, fold + w, 0.0f);
+  }
+  ItemSums sums;
+  sums.fold_ok = true;
+  float* col_chunk = chunk_buffer();
+  float* fold_chunk = col_chunk + AF_CPU_COL_BLOCK;
+  // Sum in chunks of rows, then fold (NOTE: [chunked sums]).
+  for (int64_t rc = tile.r0; rc < tile.r1; rc += kSumChunk) {
+    const int64_t rc1 = std::min<int64_t>(tile.r1, rc + kSumChunk);
+    std::fill(col_chunk, col_chunk + w, 0.0f);
+    if (t.fold) {
+      std::fill(fold_chunk, fold_chunk + w, 0.0f);
+    }
+    float p2_chunk = 0.0f;
+    for (int64_t r = rc; r < rc1; ++r) {
+      const int64_t base = (mat + r) * geo.cols + tile.c0;
+      const P* p = x.param + base;
+      const G* g = x.grad + base;
+      const int64_t col_w = AF_FAULT(Fault::DropLastColumn) ? w - 1 : w;
+      float rs = 0.0f;
+      float ps = 0.0f;
+#pragma omp simd reduction(+ : rs, ps)
+      for (int64_t c = 0; c < w; ++c) {
+        const float sg = adafactor_sq_grad(load(g, c), h);
+        rs += sg;
+        col_chunk[c] += c < col_w ? sg : 0.0f;
+        const float pv = load(p, c);
+        ps += pv * pv;
+      }
+      row_part[(mat + r) * t.tiles.n_col_blocks + it.col_block] = rs;
+      p2_chunk += ps;
+      if (t.fold) {
+        // The new row EMA as finish_pass1 forms it (rs is the row's only
+        // partial).
+        const float row = new_row(x, t, mat + r, rs, s);
+        sums.fold_ok = sums.fold_ok && row >= kFoldMinRow && row < INFINITY;
+        const float inv_row = 1.0f / row;
+#pragma omp simd
+        for (int64_t c = 0; c < w; ++c) {
+          const float gv = load(g, c);
+          fold_chunk[c] += (gv * gv) * inv_row;
+        }
+      }
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      col[c] += col_chunk[c];
+    }
+    if (t.fold) {
+#pragma omp simd
+      for (int64_t c = 0; c < w; ++c) {
+        fold[c] += fold_chunk[c];
+      }
+    }
+    sums.p2 += p2_chunk;
+  }
+  return sums;
+}
+
+// Pass 1 of a flat range: the second-moment EMA, sum(p^2) and sum(u^2).
+template <typename P, typename G>
+AF_SIMD_CLONES ItemSums pass1_flat(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    const Item& it,
+    const AdafactorHyper h,
+    const AdafactorStepScalars s) {
+  int64_t lo, hi;
+  flat_range(t.geo.n, it, lo, hi);
+  // Local pointers: through `x` GCC does not vectorize this loop.
+  const P* p = x.param;
+  const G* g = x.grad;
+  const float* sq_in = x.sq;
+  float* sq_out = x.sq_out;
+  const bool no_eps = AF_FAULT(Fault::FlatWithoutEps1);
+  ItemSums sums;
+  for (int64_t ec = lo; ec < hi; ec += kSumChunk) {
+    const int64_t ec1 = std::min<int64_t>(hi, ec + kSumChunk);
+    float p2_chunk = 0.0f;
+    float u2_chunk = 0.0f;
+#pragma omp simd reduction(+ : p2_chunk, u2_chunk)
+    for (int64_t e = ec; e < ec1; ++e) {
+      const float pv = load(p, e);
+      p2_chunk += pv * pv;
+      const float gv = load(g, e);
+      const float sg = no_eps ? gv * gv : adafactor_sq_grad(gv, h);
+      const float sq = adafactor_ema(sq_in[e], sg, s);
+      sq_out[e] = sq;
+      const float u = adafactor_flat_update(sq, gv);
+      u2_chunk += u * u;
+    }
+    sums.p2 += p2_chunk;
+    sums.u2 += u2_chunk;
+  }
+  return sums;
+}
+
+// Pass 2 of a factored tile: sum(u^2) of the unclipped update.
+template <typename P, typename G>
+AF_SIMD_CLONES float pass2_factored(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    const Item& it,
+    const float* scratch) {
+  const Geometry& geo = t.geo;
+  const TileRange tile = tile_range(t.tiles, geo.rows, geo.cols, it);
+  const int64_t w = tile.c1 - tile.c0;
+  const int64_t mat = static_cast<int64_t>(it.matrix) * geo.rows;
+  const float* col_fac =
+      scratch + t.scratch.col_fac + it.matrix * geo.cols + tile.c0;
+  const float* row_fac = scratch + t.scratch.row_fac;
+  float u2 = 0.0f;
+  for (int64_t rc = tile.r0; rc < tile.r1; rc += kSumChunk) {
+    const int64_t rc1 = std::min<int64_t>(tile.r1, rc + kSumChunk);
+    float u2_chunk = 0.0f;
+    for (int64_t r = rc; r < rc1; ++r) {
+      const float rf = row_fac[mat + r];
+      const G* g = x.grad + (mat + r) * geo.cols + tile.c0;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < w; ++c) {
+        const float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
+        acc += u * u;
+      }
+      u2_chunk += acc;
+    }
+    u2 += u2_chunk;
+  }
+  return u2;
+}
+
+// Apply the clipped update to `w` elements at `base`; `u_of(c)` forms the
+// unclipped update of element c.
+template <bool Momentum, typename P, typename G, typename U>
+inline void apply_range(
+    const TensorData<P, G>& x,
+    const AdafactorTensorScalars ts,
+    const AdafactorHyper h,
+    int64_t base,
+    int64_t w,
+    U u_of) {
+  const P* p = x.param + base;
+  P* p_out = x.param_out + base;
+  if constexpr (Momentum) {
+    const P* m = x.exp_avg + base;
+    P* m_out = x.exp_avg_out + base;
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = load(m, c);
+      const float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
+      store(m_out, c, mv);
+      store(p_out, c, pv);
+    }
+  } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
+    // The update rounded to the storage type before the subtraction.
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = 0.0f;
+      const float pv = load(p, c);
+      P update[1];
+      store(update, 0, pv - adafactor_apply(pv, u_of(c), mv, ts, h));
+      store(p_out, c, pv - load(update, 0));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = 0.0f;
+      store(p_out, c, adafactor_apply(load(p, c), u_of(c), mv, ts, h));
+    }
+  }
+}
+
+// Pass 3 of one item: clip, scale and apply the update.
+template <bool Momentum, typename P, typename G>
+AF_SIMD_CLONES void pass3(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    const Item& it,
+    const AdafactorHyper h,
+    const float* scratch) {
+  const Geometry& geo = t.geo;
+  if (!geo.factored) {
+    int64_t lo, hi;
+    flat_range(geo.n, it, lo, hi);
+    const G* g = x.grad + lo;
+    const float* sq = x.sq_out + lo;
+    apply_range<Momentum>(x, t.ts, h, lo, hi - lo, [=](int64_t c) {
+      return adafactor_flat_update(sq[c], load(g, c));
+    });
+    return;
+  }
+  const TileRange tile = tile_range(t.tiles, geo.rows, geo.cols, it);
+  const int64_t mat = static_cast<int64_t>(it.matrix) * geo.rows;
+  const float* col_fac =
+      scratch + t.scratch.col_fac + it.matrix * geo.cols + tile.c0;
+  const float* row_fac = scratch + t.scratch.row_fac;
+  for (int64_t r = tile.r0; r < tile.r1; ++r) {
+    const float rf = row_fac[mat + r];
+    const int64_t base = (mat + r) * geo.cols + tile.c0;
+    const G* g = x.grad + base;
+    apply_range<Momentum>(x, t.ts, h, base, tile.c1 - tile.c0, [=](int64_t c) {
+      return adafactor_factored_update(rf, col_fac[c], load(g, c));
+    });
+  }
+}
+
+} // namespace mlx_fused_adafactor::cpu

@@ -1,0 +1,265 @@
+// The CPU step for one (parameter, gradient) dtype pair: the passes of
+// cpu/passes.h over every work item, spread over the thread pool, and the
+// O(rows + cols) work between them.
+
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "adafactor_math.h"
+#include "cpu/faults.h"
+#include "cpu/passes.h"
+#include "cpu/tensor.h"
+#include "cpu/thread_pool.h"
+
+namespace mlx_fused_adafactor::cpu {
+
+template <typename P, typename G>
+class CpuStep {
+ public:
+  explicit CpuStep(const AdafactorHyper& h) : h_(h) {}
+
+  // Add a tensor; call plan() once all are added.
+  void add(const TensorData<P, G>& data, const Geometry& geo) {
+    TensorPlan t;
+    t.geo = geo;
+    t.tiles = make_tiling(geo);
+    // NOTE: [folded update sum]: tiles must span whole rows.
+    t.fold = geo.factored && t.tiles.n_col_blocks == 1;
+    data_.push_back(data);
+    plans_.push_back(t);
+  }
+
+  // Lay out work items and scratch (NOTE: [tiles]).
+  void plan() {
+    size_t scratch_size = 0;
+    for (uint32_t i = 0; i < plans_.size(); ++i) {
+      auto& t = plans_[i];
+      t.item_begin = items_.size();
+      t.scratch = plan_tensor(i, t.geo, t.tiles, t.fold, items_, scratch_size);
+      t.item_end = items_.size();
+      // A matrix without rows has no tiles and no T_j partials to fold.
+      t.fold = t.fold && t.item_end > t.item_begin;
+    }
+    scratch_.resize(scratch_size);
+    sums_.assign(items_.size(), ItemSums{});
+  }
+
+  void run(float t, float lr) {
+    auto& pool = ThreadPool::instance();
+    s_ = adafactor_step_scalars(t, lr, h_);
+    size_t total = 0;
+    for (auto& p : plans_) {
+      total += p.geo.n;
+    }
+    // Waking the pool costs more than a tiny step.
+    const bool serial = total < AF_CPU_TILE;
+
+    pool.parallel_for(items_.size(), [&](size_t k) { pass1(k); }, serial);
+    pool.parallel_for(
+        plans_.size(), [&](size_t i) { finish_pass1(i); }, serial);
+    if (any_needs_pass2()) {
+      pool.parallel_for(items_.size(), [&](size_t k) { pass2(k); }, serial);
+      pool.parallel_for(
+          plans_.size(), [&](size_t i) { finish_pass2(i); }, serial);
+    }
+    pool.parallel_for(items_.size(), [&](size_t k) { pass3(k); }, serial);
+  }
+
+ private:
+  AdafactorHyper h_;
+  AdafactorStepScalars s_{};
+  std::vector<TensorData<P, G>> data_;
+  std::vector<TensorPlan> plans_;
+  std::vector<Item> items_;
+  std::vector<float> scratch_;
+  std::vector<ItemSums> sums_;
+
+  void pass1(size_t k) {
+    const Item& it = items_[k];
+    const auto& t = plans_[it.tensor];
+    if (t.geo.factored) {
+      sums_[k] =
+          pass1_factored(data_[it.tensor], t, it, h_, s_, scratch_.data());
+    } else {
+      sums_[k] = pass1_flat(data_[it.tensor], t, it, h_, s_);
+    }
+  }
+
+  void pass2(size_t k) {
+    const Item& it = items_[k];
+    const auto& t = plans_[it.tensor];
+    if (t.geo.factored && t.needs_pass2) {
+      sums_[k].u2 = pass2_factored(data_[it.tensor], t, it, scratch_.data());
+    }
+  }
+
+  void pass3(size_t k) {
+    const Item& it = items_[k];
+    if (has_flag(AF_MOMENTUM)) {
+      cpu::pass3<true>(data_[it.tensor], plans_[it.tensor], it, h_,
+                       scratch_.data());
+    } else {
+      cpu::pass3<false>(data_[it.tensor], plans_[it.tensor], it, h_,
+                        scratch_.data());
+    }
+  }
+
+  bool has_flag(int flag) const {
+    return (h_.flags & flag) != 0;
+  }
+
+  bool any_needs_pass2() const {
+    for (auto& t : plans_) {
+      if (t.geo.factored && t.needs_pass2) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // Sum of one field of the tensor's item sums, in item order.
+  template <typename F>
+  float item_sum(const TensorPlan& t, F field) const {
+    float acc = 0.0f;
+    if (AF_FAULT(Fault::CombineOrderByThreads) &&
+        ThreadPool::instance().num_threads() > 1) {
+      for (size_t k = t.item_end; k-- > t.item_begin;) {
+        acc += field(sums_[k]);
+      }
+      return acc;
+    }
+    for (size_t k = t.item_begin; k < t.item_end; ++k) {
+      acc += field(sums_[k]);
+    }
+    return acc;
+  }
+
+  float clip_scale(float sum_u2, const TensorPlan& t) const {
+    if (AF_FAULT(Fault::NoClipping)) {
+      return 1.0f;
+    }
+    return adafactor_clip_scale(sum_u2, t.geo.inv_n, h_);
+  }
+
+  // The reductions of pass 1 made into the tensor's scalars, its new
+  // second-moment state and its factors.
+  void finish_pass1(size_t i) {
+    auto& t = plans_[i];
+    t.ts.lr = adafactor_tensor_lr(
+        item_sum(t, [](const ItemSums& s) { return s.p2; }), t.geo.inv_n, s_,
+        h_);
+    if (!t.geo.factored) {
+      t.ts.clip_scale =
+          clip_scale(item_sum(t, [](const ItemSums& s) { return s.u2; }), t);
+      return;
+    }
+    bool fold = t.fold;
+    for (size_t k = t.item_begin; fold && k < t.item_end; ++k) {
+      fold = sums_[k].fold_ok;
+    }
+    double sum_u2 = 0.0;
+    for (int64_t b = 0; b < t.geo.batch; ++b) {
+      const float row_mean = finish_rows(i, b);
+      finish_cols(i, b, fold);
+      if (fold) {
+        sum_u2 += folded_sum_u2(i, b, row_mean);
+      }
+    }
+    const float sum_u2_total = static_cast<float>(sum_u2);
+    t.needs_pass2 = !(fold && std::isfinite(sum_u2_total));
+    if (!t.needs_pass2) {
+      t.ts.clip_scale = clip_scale(sum_u2_total, t);
+    }
+  }
+
+  // Row EMAs of matrix b from the tiles' row sums, then the row factors
+  // relative to the mean of the new rows; returns that mean.
+  float finish_rows(size_t i, int64_t b) {
+    const auto& t = plans_[i];
+    const auto& x = data_[i];
+    const int64_t R = t.geo.rows;
+    const int64_t ncb = t.tiles.n_col_blocks;
+    const float* row_part = scratch_.data() + t.scratch.row_part;
+    float* row_fac = scratch_.data() + t.scratch.row_fac;
+    float row_total = 0.0f;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t rr = b * R + r;
+      float s = 0.0f;
+      for (int64_t j = 0; j < ncb; ++j) {
+        s += row_part[rr * ncb + j];
+      }
+      const float v = new_row(x, t, rr, s, s_);
+      x.row_out[rr] = v;
+      row_total += v;
+    }
+    const float inv = AF_FAULT(Fault::RowMeanOverColumns) ? t.geo.inv_cols
+                                                          : t.geo.inv_rows;
+    const float row_mean = row_total * inv;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t rr = b * R + r;
+      row_fac[rr] = adafactor_row_factor(x.row_out[rr], row_mean);
+    }
+    return row_mean;
+  }
+
+  // Column EMAs and factors of matrix b from the row-block partials, added
+  // in row-block order into row block 0's, a vectorizable row at a time.
+  void finish_cols(size_t i, int64_t b, bool fold) {
+    const auto& t = plans_[i];
+    const auto& x = data_[i];
+    const int64_t C = t.geo.cols;
+    const int64_t nrb = t.tiles.n_row_blocks;
+    float* col_sum = scratch_.data() + t.scratch.col_part + b * nrb * C;
+    float* fold_sum = scratch_.data() + t.scratch.fold_part + b * nrb * C;
+    float* col_fac = scratch_.data() + t.scratch.col_fac;
+    for (int64_t k = 1; k < nrb; ++k) {
+      add_row(col_sum, col_sum + k * C, C);
+      if (fold) {
+        add_row(fold_sum, fold_sum + k * C, C);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t cc = b * C + c;
+      // A matrix without rows has no partials: its column sums are 0.
+      const float sum = nrb > 0 ? col_sum[c] : 0.0f;
+      const float v = adafactor_ema(x.col[cc], sum * t.geo.inv_rows, s_);
+      x.col_out[cc] = v;
+      col_fac[cc] = adafactor_col_factor(v);
+    }
+  }
+
+  // NOTE: [folded update sum]: mean(r) * sum_j cf_j^2 T_j of matrix b.
+  double folded_sum_u2(size_t i, int64_t b, float row_mean) const {
+    const auto& t = plans_[i];
+    const int64_t C = t.geo.cols;
+    const float* fold_sum =
+        scratch_.data() + t.scratch.fold_part + b * t.tiles.n_row_blocks * C;
+    const float* col_fac = scratch_.data() + t.scratch.col_fac + b * C;
+    const bool by_cf = AF_FAULT(Fault::FoldWeightsByCf);
+    double acc = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float cf = col_fac[c];
+      acc += static_cast<double>(fold_sum[c]) * (by_cf ? cf : cf * cf);
+    }
+    return static_cast<double>(row_mean) * acc;
+  }
+
+  void finish_pass2(size_t i) {
+    auto& t = plans_[i];
+    if (t.geo.factored && t.needs_pass2) {
+      t.ts.clip_scale =
+          clip_scale(item_sum(t, [](const ItemSums& s) { return s.u2; }), t);
+    }
+  }
+
+  static void add_row(float* acc, const float* row, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) {
+      acc[c] += row[c];
+    }
+  }
+};
+
+} // namespace mlx_fused_adafactor::cpu

@@ -1,0 +1,213 @@
+// The fused Adafactor operation: validate, then build the step the way
+// NOTE: [backend] and NOTE: [eager step] choose.
+
+#include "op/adafactor.h"
+
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/ops.h"
+
+#include "cpu/cpu.h"
+#include "op/backend.h"
+#include "op/primitive.h"
+#include "op/reference.h"
+#include "schema/slots.h"
+
+namespace mlx_fused_adafactor {
+
+namespace {
+
+std::string shape_str(const mx::Shape& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    os << (i ? ", " : "") << shape[i];
+  }
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+[[noreturn]] void fail(const std::string& path, const std::string& what) {
+  throw std::invalid_argument("[adafactor] parameter '" + path + "': " + what);
+}
+
+bool is_float_storage(mx::Dtype t) {
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+}
+
+// The step's flat inputs (NOTE: [slot layout]) and the shape and dtype of
+// each output, validated.
+struct StepInputs {
+  std::vector<mx::array> inputs;
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+};
+
+StepInputs assemble(
+    const mx::array& step,
+    const mx::array& learning_rate,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<std::string>& names,
+    const SlotLayout& layout,
+    mx::Stream stream) {
+  StepInputs out;
+  out.inputs.reserve(layout.num_inputs());
+  out.inputs.push_back(mx::astype(step, mx::float32, stream));
+  out.inputs.push_back(mx::astype(learning_rate, mx::float32, stream));
+  out.shapes.reserve(layout.num_outputs());
+  out.dtypes.reserve(layout.num_outputs());
+  for (size_t i = 0; i < layout.size(); ++i) {
+    const auto& t = layout[i];
+    const auto& p = params[i];
+    const auto& g = grads[i];
+    const auto& st = states[i];
+    const auto& path = names[i];
+    if (!is_float_storage(p.dtype())) {
+      fail(path, "parameters must be float32, float16 or bfloat16.");
+    }
+    if (!is_float_storage(g.dtype())) {
+      fail(path, "gradients must be float32, float16 or bfloat16.");
+    }
+    if (p.dtype() != params[0].dtype() || g.dtype() != grads[0].dtype()) {
+      fail(path, "all tensors of one fused step must share their dtypes.");
+    }
+    if (g.shape() != p.shape()) {
+      fail(
+          path,
+          "gradient shape " + shape_str(g.shape()) +
+              " does not match parameter shape " + shape_str(p.shape()) + ".");
+    }
+    if (static_cast<int>(st.size()) != t.entries.size()) {
+      fail(path, "wrong number of state arrays.");
+    }
+    out.inputs.push_back(p);
+    out.inputs.push_back(g);
+    out.shapes.push_back(p.shape());
+    out.dtypes.push_back(p.dtype());
+    for (int k = 0; k < t.entries.size(); ++k) {
+      const Entry e = t.entries[k];
+      const auto& a = st[k];
+      const mx::Shape shape = entry_shape(e, p.shape());
+      const mx::Dtype dtype = entry_dtype(e, p.dtype());
+      if (a.shape() != shape) {
+        fail(
+            path,
+            std::string("state '") + entry_key(e) + "' has shape " +
+                shape_str(a.shape()) + ", expected " + shape_str(shape) + ".");
+      }
+      if (a.dtype() != dtype) {
+        fail(path, std::string("state '") + entry_key(e) +
+                 "' has the wrong dtype.");
+      }
+      out.inputs.push_back(a);
+      out.shapes.push_back(shape);
+      out.dtypes.push_back(dtype);
+    }
+  }
+  return out;
+}
+
+// NOTE: [lazy chunks]
+// Each output of a multi-output primitive lists all the others as siblings,
+// and MLX's graph passes (compile above all) grow faster than linearly in
+// that count: one primitive for 100 1-D tensors takes a second to compile,
+// for 1000 longer than a CI run. The lazy step is therefore one primitive
+// per run of tensors with at most kMaxLazyOutputs outputs; large tensors
+// still fill the thread pool inside each primitive.
+std::vector<mx::array> lazy_step(
+    const AdafactorHyper& h,
+    const SlotLayout& layout,
+    StepInputs& in,
+    mx::Stream stream) {
+  std::vector<mx::array> outputs;
+  outputs.reserve(layout.num_outputs());
+  size_t next = 0;
+  while (next < layout.size()) {
+    std::vector<mx::array> chunk_in = {
+        in.inputs[SlotLayout::kStep], in.inputs[SlotLayout::kLr]};
+    std::vector<mx::Shape> shapes;
+    std::vector<mx::Dtype> dtypes;
+    for (; next < layout.size(); ++next) {
+      const auto& t = layout[next];
+      if (!shapes.empty() && shapes.size() + t.num_out() > kMaxLazyOutputs) {
+        break;
+      }
+      for (int k = 0; k < t.num_in(); ++k) {
+        chunk_in.push_back(in.inputs[t.first_in + k]);
+      }
+      for (int k = 0; k < t.num_out(); ++k) {
+        shapes.push_back(std::move(in.shapes[t.first_out + k]));
+        dtypes.push_back(in.dtypes[t.first_out + k]);
+      }
+    }
+    auto arrays = mx::array::make_arrays(
+        std::move(shapes),
+        dtypes,
+        std::make_shared<AdafactorStep>(stream, h),
+        chunk_in);
+    outputs.insert(outputs.end(), arrays.begin(), arrays.end());
+  }
+  return outputs;
+}
+
+} // namespace
+
+std::vector<mx::array> adafactor_step(
+    const mx::array& step,
+    const mx::array& learning_rate,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<std::string>& names,
+    const AdafactorHyper& hyper,
+    mx::StreamOrDevice s) {
+  const auto stream = mx::to_stream(s);
+  const size_t n = params.size();
+  if (grads.size() != n || states.size() != n || names.size() != n) {
+    throw std::invalid_argument(
+        "[adafactor] params, grads, states and names must have equal length.");
+  }
+  if (step.ndim() != 0 || learning_rate.ndim() != 0) {
+    throw std::invalid_argument(
+        "[adafactor] step and learning_rate must be scalars.");
+  }
+  std::vector<int> ndims;
+  ndims.reserve(n);
+  for (const auto& p : params) {
+    ndims.push_back(p.ndim());
+  }
+  const SlotLayout layout(ndims, hyper);
+  StepInputs in = assemble(
+      step, learning_rate, params, grads, states, names, layout, stream);
+  if (n == 0) {
+    return {};
+  }
+
+  // NOTE: [backend]
+  const Route r = route(stream);
+  if (r.reference) {
+    if (!r.reason.empty()) {
+      warn_once(
+          "[adafactor] " + r.reason +
+          "; running the pure-MLX implementation of the same float32 math.");
+    }
+    return reference_step(hyper, in.inputs, stream);
+  }
+
+  // NOTE: [eager step]
+  bool eager = stream.device == mx::Device::cpu;
+  for (size_t i = 0; eager && i < in.inputs.size(); ++i) {
+    eager = !in.inputs[i].is_tracer();
+  }
+  if (eager) {
+    return cpu::run_eager(
+        hyper, layout, std::move(in.inputs), std::move(in.shapes), in.dtypes);
+  }
+  return lazy_step(hyper, layout, in, stream);
+}
+
+} // namespace mlx_fused_adafactor

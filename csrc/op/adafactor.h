@@ -1,0 +1,54 @@
+// The fused Adafactor step as an MLX operation.
+//
+// One operation computes the whole optimizer step for every parameter of a
+// dtype group: it takes (step, learning_rate) and, per tensor, the
+// parameter, its gradient and its state (NOTE: [slot layout]), and returns
+// the new parameter and state. Where it runs (NOTE: [backend]):
+//   - the pure-MLX implementation (NOTE: [reference]) on streams without
+//     fused kernels, or when the reference backend is chosen;
+//   - at once, on the CPU outside transformations (NOTE: [eager step]);
+//   - otherwise as AdafactorStep primitives of at most kMaxLazyOutputs
+//     outputs each (NOTE: [lazy chunks]), whose derivatives come from the
+//     reference.
+
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/utils.h"
+
+#include "adafactor_math.h"
+
+namespace mlx_fused_adafactor {
+
+namespace mx = mlx::core;
+
+// Outputs of one lazy primitive at most (NOTE: [lazy chunks]).
+constexpr size_t kMaxLazyOutputs = 48;
+
+// Build the fused step. `states[i]` holds tensor i's state entries in the
+// order of state_entries() (NOTE: [slot layout]); `names[i]` is the
+// parameter path used in error messages. Throws std::invalid_argument
+// naming the path on bad input, before anything is built.
+//
+// NOTE: [eager step]
+// MLX's graph bookkeeping costs a few microseconds per output array
+// (siblings of a multi-output primitive, detach, hashing), which is more
+// than the math of a 1K-element tensor. On a CPU stream and with no input
+// under a transformation (no tracer: not inside mx.compile, grad or vmap),
+// the step therefore evaluates its inputs and runs at once, returning plain
+// evaluated arrays. Otherwise it returns the
+// outputs of lazy AdafactorStep primitives. Both run the same CPU code.
+std::vector<mx::array> adafactor_step(
+    const mx::array& step,
+    const mx::array& learning_rate,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<std::vector<mx::array>>& states,
+    const std::vector<std::string>& names,
+    const AdafactorHyper& hyper,
+    mx::StreamOrDevice s = {});
+
+} // namespace mlx_fused_adafactor

@@ -1,0 +1,273 @@
+// The step as the Python optimizer calls it: state dicts in, state dicts
+// out.
+//
+// NOTE: [leaves in C++]
+// For each parameter the optimizer looks up its state entries, checks and
+// casts their dtypes, groups the parameters by dtype pair, runs one fused
+// step per group and hands back the new parameters and state dicts. Written
+// in Python that bookkeeping cost about 2 us per parameter, as much as the
+// arithmetic of a 1K-element tensor; here it is a few dict lookups and
+// object creations. The state layout comes from schema/slots.h
+// (NOTE: [slot layout]); checks of the state belong to this file, checks of
+// the arrays to the op.
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include <algorithm>
+
+#include "mlx/ops.h"
+
+#include "op/adafactor.h"
+#include "op/reference.h"
+#include "python/bindings.h"
+#include "schema/slots.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace mlx_fused_adafactor {
+
+namespace {
+
+// str(dtype) as Python prints it, e.g. "mlx.core.int32".
+std::string dtype_str(mx::Dtype t) {
+  return nb::str(nb::cast(t)).c_str();
+}
+
+[[noreturn]] void state_error(const std::string& name, const std::string& what) {
+  throw nb::value_error(
+      ("[adafactor] parameter '" + name + "': " + what).c_str());
+}
+
+// The keys of the state entries, made per call: a static Python object
+// would be released after the interpreter has shut down.
+struct EntryKeys {
+  nb::object keys[kNumEntries] = {
+      nb::str(entry_key(Entry::Row)),
+      nb::str(entry_key(Entry::Col)),
+      nb::str(entry_key(Entry::Sq)),
+      nb::str(entry_key(Entry::ExpAvg))};
+  nb::handle operator[](Entry e) const {
+    return keys[static_cast<int>(e)];
+  }
+};
+
+// The state arrays of one parameter in slot order, cast to the dtypes the
+// step keeps (entry_dtype).
+std::vector<mx::array> input_state(
+    nb::handle state,
+    const mx::array& p,
+    const std::string& name,
+    const AdafactorHyper& h,
+    const EntryKeys& keys) {
+  if (!PyDict_Check(state.ptr())) {
+    state_error(
+        name,
+        std::string("the optimizer state holds a ") +
+            nb::type_name(state.type()).c_str() +
+            " here, not the state of one parameter (a dict).");
+  }
+  const EntryList entries = state_entries(p.ndim(), h);
+  std::vector<mx::array> arrays;
+  arrays.reserve(entries.size());
+  for (Entry e : entries) {
+    PyObject* v = PyDict_GetItemWithError(state.ptr(), keys[e].ptr());
+    if (v == nullptr) {
+      if (PyErr_Occurred()) {
+        throw nb::python_error();
+      }
+      auto sorted = nb::module_::import_("builtins").attr("sorted")(state);
+      state_error(
+          name,
+          std::string("state has no '") + entry_key(e) + "'; it has " +
+              nb::repr(sorted).c_str() +
+              ", which does not fit this parameter or these optimizer "
+              "options.");
+    }
+    mx::array a(0.0f);
+    if (!nb::try_cast<mx::array>(nb::handle(v), a)) {
+      state_error(
+          name,
+          std::string("state '") + entry_key(e) + "' is a " +
+              nb::type_name(nb::handle(v).type()).c_str() +
+              ", not a float mlx array.");
+    }
+    const mx::Dtype want = entry_dtype(e, p.dtype());
+    arrays.push_back(a.dtype() == want ? a : mx::astype(a, want));
+  }
+  return arrays;
+}
+
+// A dict of the entries of `t` from `outputs`.
+nb::dict state_dict(
+    const TensorSlots& t,
+    std::vector<mx::array>& outputs,
+    const EntryKeys& keys) {
+  nb::dict d;
+  for (Entry e : t.entries) {
+    d[keys[e]] = nb::cast(std::move(outputs[t.state_out(e)]));
+  }
+  return d;
+}
+
+nb::tuple apply_leaves(
+    const mx::array& step,
+    const mx::array& learning_rate,
+    nb::list params,
+    nb::list grads,
+    nb::list states,
+    nb::list names,
+    const AdafactorHyper& h) {
+  const EntryKeys keys;
+  const size_t n = nb::len(params);
+  std::vector<mx::array> p(n, mx::array(0.0f)), g(n, mx::array(0.0f));
+  std::vector<std::string> name(n);
+  for (size_t i = 0; i < n; ++i) {
+    p[i] = nb::cast<mx::array>(params[i]);
+    g[i] = nb::cast<mx::array>(grads[i]);
+    name[i] = nb::cast<std::string>(names[i]);
+  }
+
+  // Group by (parameter dtype, gradient dtype), in order of appearance.
+  struct Group {
+    mx::Dtype p_dtype, g_dtype;
+    std::vector<size_t> members;
+  };
+  std::vector<Group> groups;
+  for (size_t i = 0; i < n; ++i) {
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& x) {
+      return x.p_dtype == p[i].dtype() && x.g_dtype == g[i].dtype();
+    });
+    if (it == groups.end()) {
+      groups.push_back({p[i].dtype(), g[i].dtype(), {}});
+      it = groups.end() - 1;
+    }
+    it->members.push_back(i);
+  }
+
+  nb::list new_params, new_states;
+  for (size_t i = 0; i < n; ++i) {
+    new_params.append(nb::none());
+    new_states.append(nb::none());
+  }
+  for (auto& group : groups) {
+    const size_t first = group.members.front();
+    if (!mx::issubdtype(group.p_dtype, mx::floating)) {
+      throw nb::type_error(
+          ("[adafactor] parameter '" + name[first] + "' has dtype " +
+           dtype_str(group.p_dtype) +
+           "; Adafactor updates float32, float16 and bfloat16 parameters "
+           "only.")
+              .c_str());
+    }
+    if (!mx::issubdtype(group.g_dtype, mx::floating)) {
+      throw nb::type_error(
+          ("[adafactor] gradient '" + name[first] + "' has dtype " +
+           dtype_str(group.g_dtype) +
+           "; expected float32, float16 or bfloat16.")
+              .c_str());
+    }
+    const size_t m = group.members.size();
+    std::vector<mx::array> gp, gg;
+    std::vector<std::vector<mx::array>> gs;
+    std::vector<std::string> gn;
+    gp.reserve(m);
+    gg.reserve(m);
+    gs.reserve(m);
+    gn.reserve(m);
+    for (size_t i : group.members) {
+      gs.push_back(input_state(states[i], p[i], name[i], h, keys));
+      gp.push_back(std::move(p[i]));
+      gg.push_back(std::move(g[i]));
+      gn.push_back(std::move(name[i]));
+    }
+    std::vector<int> ndims;
+    for (const auto& a : gp) {
+      ndims.push_back(a.ndim());
+    }
+    std::vector<mx::array> outs;
+    {
+      // Evaluating the inputs runs the forward and backward pass: other
+      // Python threads keep running meanwhile.
+      nb::gil_scoped_release nogil;
+      outs = adafactor_step(step, learning_rate, gp, gg, gs, gn, h);
+    }
+    const SlotLayout layout(ndims, h);
+    for (size_t j = 0; j < m; ++j) {
+      const auto& t = layout[j];
+      const size_t i = group.members[j];
+      new_params[i] = nb::cast(std::move(outs[t.param_out()]));
+      new_states[i] = state_dict(t, outs, keys);
+    }
+  }
+  return nb::make_tuple(new_params, new_states);
+}
+
+// The zero state of a parameter (stock's init_single, in this package's
+// dtypes).
+nb::dict init_state(const mx::array& p, const AdafactorHyper& h) {
+  const EntryKeys keys;
+  nb::dict d;
+  for (Entry e : state_entries(p.ndim(), h)) {
+    d[keys[e]] = nb::cast(
+        mx::zeros(entry_shape(e, p.shape()), entry_dtype(e, p.dtype())));
+  }
+  return d;
+}
+
+// One tensor through the reference implementation (NOTE: [reference]).
+nb::tuple reference(
+    const mx::array& step,
+    const mx::array& learning_rate,
+    const mx::array& param,
+    const mx::array& grad,
+    nb::handle state,
+    const AdafactorHyper& h) {
+  const EntryKeys keys;
+  std::vector<mx::array> inputs = {step, learning_rate, param, grad};
+  for (auto& a : input_state(state, param, "<reference>", h, keys)) {
+    inputs.push_back(std::move(a));
+  }
+  auto outs = reference_step(h, inputs, mx::default_stream(mx::default_device()));
+  const SlotLayout layout({param.ndim()}, h);
+  nb::object p = nb::cast(outs[layout[0].param_out()]);
+  return nb::make_tuple(p, state_dict(layout[0], outs, keys));
+}
+
+} // namespace
+
+void bind_step(nb::module_& m) {
+  m.def(
+      "apply_leaves",
+      &apply_leaves,
+      "step"_a,
+      "learning_rate"_a,
+      "params"_a,
+      "grads"_a,
+      "states"_a,
+      "names"_a,
+      "hyper"_a,
+      "One optimizer step over parallel lists of parameters, gradients, "
+      "state dicts and names (NOTE: [leaves in C++]). Returns the new "
+      "parameters and the new state dicts, in list order; changes nothing.");
+  m.def(
+      "init_state",
+      &init_state,
+      "parameter"_a,
+      "hyper"_a,
+      "The zero state of a parameter (NOTE: [slot layout]).");
+  m.def(
+      "reference",
+      &reference,
+      "step"_a,
+      "learning_rate"_a,
+      "parameter"_a,
+      "gradient"_a,
+      "state"_a,
+      "hyper"_a,
+      "One tensor through the pure-MLX implementation (NOTE: [reference]); "
+      "returns the new parameter and state dict.");
+}
+
+} // namespace mlx_fused_adafactor

@@ -1,0 +1,54 @@
+// The hyper-parameters of the step.
+//
+// NOTE: [hyper-parameters]
+// AdafactorHyper (kernels/adafactor_math.h) is the one type of the
+// hyper-parameters in every layer: the kernels read it byte for byte, the
+// CPU passes take it by value, the primitive compares it in is_equivalent,
+// and Python sees it as `_ext.Hyper`, with the optimizer's option names
+// (csrc/python/hyper.cpp). Its defaults are stated once, in the signature
+// of `Adafactor.__init__`. Options are written only through the setters
+// below: they validate the value (the message names the option) and derive
+// the flags and the fields computed from an option (1 - beta_1), so no other
+// code builds flags by hand.
+
+#pragma once
+
+#include <optional>
+
+#include "adafactor_math.h"
+
+namespace mlx_fused_adafactor {
+
+// The option names, as the constructor of the Python class spells them.
+inline constexpr const char* kHyperOptions[] = {
+    "eps",
+    "clip_threshold",
+    "decay_rate",
+    "beta_1",
+    "weight_decay",
+    "scale_parameter",
+    "relative_step",
+    "warmup_init",
+};
+
+// A hyper-parameter object with every field zero. Only meaningful once each
+// option has been set.
+AdafactorHyper empty_hyper();
+
+// Setters of the options; each throws std::invalid_argument naming the
+// option when the value is meaningless or not finite, and then leaves `h`
+// unchanged.
+void set_eps(AdafactorHyper& h, double eps1, double eps2);
+void set_clip_threshold(AdafactorHyper& h, double value);
+void set_decay_rate(AdafactorHyper& h, double value);
+void set_beta_1(AdafactorHyper& h, std::optional<double> value);
+void set_weight_decay(AdafactorHyper& h, double value);
+void set_flag(AdafactorHyper& h, int flag, bool on);
+
+bool has_flag(const AdafactorHyper& h, int flag);
+std::optional<float> beta_1(const AdafactorHyper& h);
+
+// Bitwise equality of every field (is_equivalent, caches).
+bool same_hyper(const AdafactorHyper& a, const AdafactorHyper& b);
+
+} // namespace mlx_fused_adafactor
