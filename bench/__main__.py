@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import arms as arms_mod
-from . import copy_bandwidth, launch_plan, optimizer_step, report, training
+from . import copy_bandwidth, optimizer_step, report, training
 from . import sets as sets_mod
 from .common import DEFAULT_BUDGET, QUICK_BUDGET, Progress, machine_info
 
@@ -151,11 +151,6 @@ def main(argv=None):
     if not args.quick:
         progress.label("copy bandwidth")
         bw_end = copy_bandwidth.measure(copy_bytes)
-    progress.label("Metal launch plan")
-    plan = launch_plan.run(set_list, dtypes)
-    result["metal_plan_available"] = bool(plan) and any(
-        not (p["fused_error"] or p["stock_error"]) for p in plan)
-    result["metal_plan"] = plan
     progress.close()
 
     best = max((b for b in (bw_start, bw_end) if b), key=lambda b: b["best_gbps"])

@@ -125,24 +125,6 @@ def training_table(training):
     return _table(header, body)
 
 
-def plan_table(plan):
-    header = ["set", "dtype", "fused dispatches", "fused MB read", "fused MB written",
-              "stock graph nodes (kernels)", "stock MB read", "stock MB written",
-              "minimal MB"]
-    body = []
-    for p in plan:
-        nodes = "-" if p["stock_nodes"] is None else f"{p['stock_nodes']} ({p['stock_kernel_nodes']})"
-        body.append([p["set"], p["dtype"], p["fused_dispatches"] or "-",
-                     _mb(p["fused_bytes_read"]), _mb(p["fused_bytes_written"]), nodes,
-                     _mb(p["stock_bytes_read"]), _mb(p["stock_bytes_written"]),
-                     _mb(p["min_bytes"])])
-    errors = sorted({e for p in plan for e in (p["fused_error"], p["stock_error"]) if e})
-    text = _table(header, body)
-    if errors:
-        text += "\n\nNot computed: " + "; ".join(errors)
-    return text
-
-
 def machine_line(result):
     m = result["machine"]
     mem = f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else ""
@@ -196,11 +178,6 @@ def markdown(result, plot_name):
             training_table(t),
             "",
         ]
-    parts += ["## Metal launch plan (one GPU step, computed)", ""]
-    if result.get("metal_plan"):
-        parts += [plan_table(result["metal_plan"]), ""]
-    else:
-        parts += ["Not available: `mlx_fused_adafactor.metal_plan` is not in this build.", ""]
     parts += ["## All measurements", "", full_table(result), "", MIN_BYTES_NOTE, "", MEMORY_NOTE, ""]
     if result.get("torch_version"):
         parts += [TORCH_NOTE, ""]

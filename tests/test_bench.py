@@ -19,7 +19,7 @@ ROW_FIELDS = {
 }
 TOP_FIELDS = {
     "machine", "copy_bandwidth_gbps", "read_bandwidth_gbps", "mlx_version", "package_version", "rows",
-    "training", "metal_plan_available", "metal_plan",
+    "training",
 }
 MACHINE_FIELDS = {"cpu_model", "logical_cpus", "mlx_version", "package_version",
                   "date_utc"}

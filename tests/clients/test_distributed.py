@@ -1,6 +1,7 @@
 """Data parallel over two local processes: mlx.launch -n 2 --backend ring.
 
-The example trainer runs on two ranks (each half of every batch, gradients
+The example trainer (through example_worker.py, which records each rank)
+runs on two ranks (each half of every batch, gradients
 averaged with mlx.nn.average_gradients) and on one process with the whole
 batch. mlx.launch exits 0 even when a rank fails, so every rank writes its
 own record and the test reads them: the parameters of both ranks must be
@@ -19,6 +20,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+# The example's own setup and step, with a per-rank record of every step.
+WORKER = Path(__file__).resolve().parent / "example_worker.py"
 STEPS = 6
 # Two half-batch gradients averaged vs one full-batch gradient: float32
 # rounding of the reductions, carried through STEPS updates.
@@ -65,16 +68,16 @@ def read_rank(dump, rank, launch_output):
 @pytest.mark.parametrize("mode", ["compiled", "eager"])
 def test_two_ranks_match_single_process(tmp_path, mode):
     extra = ["--no-compile"] if mode == "eager" else []
-    module = [sys.executable, "-m", "mlx_fused_adafactor.examples.train_lm"]
+    worker = [sys.executable, str(WORKER)]
     launch = subprocess.run(
         [launcher(), "-n", "2", "--backend", "ring",
          "--starting-port", str(free_port_pair()),
-         *module, *ARGS, *extra, "--dump", str(tmp_path / "two")],
+         *worker, str(tmp_path / "two"), *ARGS, *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     output = launch.stdout + launch.stderr
     single = subprocess.run(
-        [*module, *ARGS, *extra, "--dump", str(tmp_path / "one")],
+        [*worker, str(tmp_path / "one"), *ARGS, *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert single.returncode == 0, single.stdout + single.stderr
@@ -86,7 +89,6 @@ def test_two_ranks_match_single_process(tmp_path, mode):
     assert (rec0["rank"], rec0["size"]) == (0, 2)
     assert (rec1["rank"], rec1["size"]) == (1, 2)
     assert one["size"] == 1
-    assert "over 2 process(es)" in output
 
     # Identical on both ranks after every step.
     assert len(rec0["digests"]) == len(rec1["digests"]) == STEPS

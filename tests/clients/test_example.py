@@ -6,7 +6,6 @@ save/resume matching an uninterrupted run bit for bit.
 """
 
 import importlib.util
-import json
 import re
 import subprocess
 import sys
@@ -69,19 +68,19 @@ def test_bfloat16_stock_second_moment_freezes(tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    run_example(tmp_path, "--steps", "4", "--plot", "", "--save", "ckpt.safetensors")
+    """--save after 4 steps, --resume for 3 more, --save: the same file,
+    parameters and optimizer state, as 7 steps in one go."""
+    run_example(tmp_path, "--steps", "4", "--plot", "", "--save", "first.safetensors")
     run_example(
-        tmp_path, "--steps", "3", "--plot", "", "--resume", "ckpt.safetensors",
-        "--dump", "resumed",
+        tmp_path, "--steps", "3", "--plot", "", "--resume", "first.safetensors",
+        "--save", "resumed.safetensors",
     )
-    run_example(tmp_path, "--steps", "7", "--plot", "", "--dump", "straight")
+    run_example(tmp_path, "--steps", "7", "--plot", "", "--save", "straight.safetensors")
 
-    resumed = mx.load(str(tmp_path / "resumed" / "params-rank0.safetensors"))
-    straight = mx.load(str(tmp_path / "straight" / "params-rank0.safetensors"))
+    resumed = mx.load(str(tmp_path / "resumed.safetensors"))
+    straight = mx.load(str(tmp_path / "straight.safetensors"))
     assert resumed.keys() == straight.keys()
+    assert any(k.startswith("optimizer.") for k in straight)
+    assert straight["optimizer.step"].item() == 7
     for k in straight:
-        np.testing.assert_array_equal(np.array(resumed[k]), np.array(straight[k]), k)
-    r = json.loads((tmp_path / "resumed" / "record-rank0.json").read_text())
-    s = json.loads((tmp_path / "straight" / "record-rank0.json").read_text())
-    assert r["losses"] == s["losses"][4:]
-    assert r["digests"] == s["digests"][4:]
+        assert mx.array_equal(resumed[k], straight[k]).item(), k

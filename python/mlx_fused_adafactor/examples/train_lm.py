@@ -26,8 +26,6 @@ share of every batch; gradients are averaged with
 """
 
 import argparse
-import hashlib
-import json
 import sysconfig
 import time
 from pathlib import Path
@@ -35,7 +33,6 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers
-import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_fused_adafactor import Adafactor, load_checkpoint, save_checkpoint
@@ -66,7 +63,7 @@ def stdlib_bytes(max_bytes, root=None):
     if not chunks:
         raise SystemExit(f"no Python source found under {root}")
     text = b"".join(chunks)[:max_bytes]
-    return np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    return mx.array(memoryview(text)).astype(mx.int32)
 
 
 class Batches:
@@ -88,12 +85,12 @@ class Batches:
         self.rows = slice(rank * share, (rank + 1) * share)
 
     def get(self, step):
-        rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(
-            0, len(self.tokens) - self.seq_len - 1, size=self.batch_size
+        key = mx.random.key(self.seed * 1_000_003 + step)
+        starts = mx.random.randint(
+            0, self.tokens.size - self.seq_len - 1, (self.batch_size,), key=key
         )[self.rows]
-        window = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts])
-        return mx.array(window[:, :-1]), mx.array(window[:, 1:])
+        window = self.tokens[starts[:, None] + mx.arange(self.seq_len + 1)]
+        return window[:, :-1], window[:, 1:]
 
 
 # --------------------------------------------------------------- model
@@ -145,11 +142,11 @@ def stock_beta2_freeze_step(dtype, decay_rate=-0.8, limit=1_000_000):
     """First step from which stock Adafactor's beta_2, computed in ``dtype``
     as stock does, is exactly 1.0 (None if not before ``limit``)."""
     t = mx.arange(1, limit).astype(mx.uint64)
-    frozen = np.array(1.0 - (t**decay_rate).astype(dtype) == 1.0)
-    if not frozen.any():
+    frozen = 1.0 - (t**decay_rate).astype(dtype) == 1.0
+    if not frozen.any().item():
         return None
-    first = int(frozen.argmax())
-    return first + 1 if frozen[first:].all() else None
+    first = mx.argmax(frozen).item()
+    return first + 1 if frozen[first:].all().item() else None
 
 
 class Run:
@@ -215,13 +212,6 @@ class Run:
         self.moment_steps.append(step)
         return change
 
-    def params_digest(self):
-        digest = hashlib.sha256()
-        for key, value in tree_flatten(self.model.parameters()):
-            digest.update(key.encode())
-            digest.update(np.array(value.astype(mx.float32)).tobytes())
-        return digest.hexdigest()
-
 
 class Progress:
     """tqdm when installed, else a line every ``every`` steps."""
@@ -261,6 +251,18 @@ class Progress:
             self.bar.close()
 
 
+def moving_mean(values, k):
+    """Means of the windows of ``k`` consecutive values."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    return [(sums[i + k] - sums[i]) / k for i in range(len(values) - k + 1)]
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
 def plot(runs, args, first_step, path):
     try:
         import matplotlib
@@ -275,13 +277,12 @@ def plot(runs, args, first_step, path):
         2 if show_moment else 1, 1, figsize=(8, 7 if show_moment else 4.5),
         sharex=True, squeeze=False,
     )
-    steps = np.arange(first_step, first_step + args.steps)
+    steps = list(range(first_step, first_step + args.steps))
     ax = axes[0][0]
     styles = {"fused": "-", "stock": "--"}
     for run in runs:
-        losses = np.array(run.losses)
         k = max(1, args.steps // 50)
-        smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+        smooth = moving_mean(run.losses, k)
         label = f"{run.name} ({args.dtype})" + (f", mean of {k}" if k > 1 else "")
         ax.plot(steps[k - 1 :], smooth, ls=styles[run.name], lw=1.6, label=label)
     ax.set_ylabel("training loss (nats/byte)")
@@ -343,37 +344,41 @@ def parse_args(argv=None):
     p.add_argument("--plot", default="train_lm.png", help="PNG path ('' for none)")
     p.add_argument("--save", default=None, help="checkpoint path to write at the end")
     p.add_argument("--resume", default=None, help="checkpoint to start from")
-    p.add_argument("--dump", default=None,
-                   help="directory for a per-process JSON record (loss and "
-                   "parameter digest per step) and final parameters")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    world = mx.distributed.init()
-    rank, size = world.rank(), world.size()
-    lead = rank == 0
+def setup(args, world):
+    """The runs to train, from one initialisation (the fused optimizer, and
+    stock with --compare-stock), the batches, and the first step."""
     if args.resume and args.compare_stock:
         raise SystemExit("--resume and --compare-stock do not go together")
-
     tokens = stdlib_bytes(args.max_bytes, args.data)
     mx.random.seed(args.seed)
     init = ByteLM(args.dims, args.layers, args.heads, args.seq_len)
     init_weights = tree_flatten(init.parameters())
-    n_params = sum(v.size for _, v in init_weights)
     init_weights = [(k, v.astype(DTYPES[args.dtype])) for k, v in init_weights]
 
     runs = [Run("fused", Adafactor(), args, world, init_weights, args.resume)]
     if args.compare_stock:
         runs.append(Run("stock", mlx.optimizers.Adafactor(), args, world, init_weights))
+    data = Batches(tokens, args.batch_size, args.seq_len, args.seed,
+                   world.rank(), world.size())
     first_step = runs[0].optimizer.state["step"].item() + 1
+    return runs, data, first_step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world = mx.distributed.init()
+    lead = world.rank() == 0
+    runs, data, first_step = setup(args, world)
 
     if lead:
+        n_params = sum(v.size for _, v in tree_flatten(runs[0].model.parameters()))
         print(
             f"byte-level LM: {n_params / 1e6:.2f}M parameters, {args.dtype}, "
-            f"{len(tokens) / 1e6:.1f} MB of text, batch {args.batch_size} x "
-            f"{args.seq_len} over {size} process(es), steps {first_step}.."
+            f"{data.tokens.size / 1e6:.1f} MB of text, batch {args.batch_size} x "
+            f"{args.seq_len} over {world.size()} process(es), steps {first_step}.."
             f"{first_step + args.steps - 1}"
         )
         if args.dtype != "float32":
@@ -384,11 +389,8 @@ def main(argv=None):
                 "stops updating; the fused step keeps it in float32."
             )
 
-    data = Batches(tokens, args.batch_size, args.seq_len, args.seed, rank, size)
-    record = {"rank": rank, "size": size, "losses": [], "digests": []}
     for run in runs:
         run.record_second_moment(first_step - 1)
-
     progress = Progress(args.steps, args.report_every, lead)
     for i in range(1, args.steps + 1):
         step = first_step + i - 1
@@ -398,9 +400,6 @@ def main(argv=None):
         if i % args.report_every == 0 or i == args.steps:
             for run in runs:
                 run.record_second_moment(step)
-        if args.dump:
-            record["losses"].append(runs[0].losses[-1])
-            record["digests"].append(runs[0].params_digest())
         progress.update(i, "  ".join(f"{r.name} {r.losses[-1]:.3f}" for r in runs))
     progress.close()
 
@@ -410,8 +409,8 @@ def main(argv=None):
             change = run.second_moment_change[-1]
             moved = "n/a" if change is None else f"{change:.2e}"
             print(
-                f"{run.name:>5}: loss {np.mean(run.losses[:tail]):.3f} -> "
-                f"{np.mean(run.losses[-tail:]):.3f} (mean of first/last {tail} "
+                f"{run.name:>5}: loss {mean(run.losses[:tail]):.3f} -> "
+                f"{mean(run.losses[-tail:]):.3f} (mean of first/last {tail} "
                 f"steps), {1e3 * run.seconds / args.steps:.1f} ms/step, second "
                 f"moment moved {moved} (relative) since the previous report"
             )
@@ -420,15 +419,6 @@ def main(argv=None):
         if args.save:
             save_checkpoint(args.save, runs[0].model, runs[0].optimizer)
             print(f"checkpoint written to {args.save}")
-
-    if args.dump:
-        out = Path(args.dump)
-        out.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(
-            str(out / f"params-rank{rank}.safetensors"),
-            dict(tree_flatten(runs[0].model.parameters())),
-        )
-        (out / f"record-rank{rank}.json").write_text(json.dumps(record))
     return runs
 
 

@@ -1,0 +1,49 @@
+"""One process of the example trainer, recorded for tests/clients: the
+example's own setup and training step (train_lm.setup, Run.train_step),
+with each rank's loss and a digest of its parameters after every step, and
+its final parameters, written to OUT/record-rank<r>.json and
+OUT/params-rank<r>.safetensors.
+
+    python tests/clients/example_worker.py OUT [train_lm arguments...]
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from mlx_fused_adafactor.examples import train_lm
+
+
+def digest(model):
+    h = hashlib.sha256()
+    for key, value in tree_flatten(model.parameters()):
+        h.update(key.encode())
+        h.update(np.array(value.astype(mx.float32)).tobytes())
+    return h.hexdigest()
+
+
+def main(out, argv):
+    args = train_lm.parse_args(argv)
+    world = mx.distributed.init()
+    runs, data, first_step = train_lm.setup(args, world)
+    run = runs[0]
+    record = {"rank": world.rank(), "size": world.size(), "losses": [], "digests": []}
+    for step in range(first_step, first_step + args.steps):
+        run.train_step(*data.get(step))
+        record["losses"].append(run.losses[-1])
+        record["digests"].append(digest(run.model))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank = world.rank()
+    mx.save_safetensors(str(out / f"params-rank{rank}.safetensors"),
+                        dict(tree_flatten(run.model.parameters())))
+    (out / f"record-rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
