@@ -8,7 +8,8 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
-#include <sstream>
+#include <string>
+#include <vector>
 
 #include "python/bindings.h"
 #include "schema/hyper.h"
@@ -75,33 +76,101 @@ void set_beta_1_from(AdafactorHyper& h, nb::handle v) {
   }
 }
 
-std::string repr(const AdafactorHyper& h) {
-  std::ostringstream os;
-  os.precision(9);
-  os << "Hyper(eps=(" << h.eps1 << ", " << h.eps2
-     << "), clip_threshold=" << h.clip_threshold
-     << ", decay_rate=" << h.decay_rate << ", beta_1=";
-  if (auto b = beta_1(h)) {
-    os << *b;
-  } else {
-    os << "None";
-  }
-  os << ", weight_decay=" << h.weight_decay
-     << ", scale_parameter=" << (has_flag(h, AF_SCALE_PARAMETER) ? "True" : "False")
-     << ", relative_step=" << (has_flag(h, AF_RELATIVE_STEP) ? "True" : "False")
-     << ", warmup_init=" << (has_flag(h, AF_WARMUP_INIT) ? "True" : "False")
-     << ")";
-  return os.str();
+nb::object py_float(float v) {
+  return nb::float_(v);
 }
 
-// A read-write property of a switch: one bit of the flags.
+// NOTE: [hyper-parameters]: the options as Python sees them, one row each;
+// the constructor, the properties and repr are made from this table.
+struct Option {
+  const char* name;
+  nb::object (*get)(const AdafactorHyper&);
+  void (*set)(AdafactorHyper&, nb::handle);
+};
+
+// A switch: one bit of the flags.
 template <int Flag>
-void def_flag(nb::class_<AdafactorHyper>& cls, const char* name) {
-  cls.def_prop_rw(
+Option flag(const char* name) {
+  return {
       name,
-      [](const AdafactorHyper& h) { return has_flag(h, Flag); },
-      [](AdafactorHyper& h, nb::handle v) { set_flag(h, Flag, truth(v)); },
-      nb::for_setter(nb::arg("value").none()));
+      [](const AdafactorHyper& h) -> nb::object {
+        return nb::bool_(has_flag(h, Flag));
+      },
+      [](AdafactorHyper& h, nb::handle v) { set_flag(h, Flag, truth(v)); }};
+}
+
+const std::vector<Option>& options() {
+  static const std::vector<Option> table = {
+      {"eps",
+       [](const AdafactorHyper& h) -> nb::object {
+         return nb::make_tuple(h.eps1, h.eps2);
+       },
+       set_eps_from},
+      {"clip_threshold",
+       [](const AdafactorHyper& h) { return py_float(h.clip_threshold); },
+       [](AdafactorHyper& h, nb::handle v) {
+         set_clip_threshold(h, number("clip_threshold", v));
+       }},
+      {"decay_rate",
+       [](const AdafactorHyper& h) { return py_float(h.decay_rate); },
+       [](AdafactorHyper& h, nb::handle v) {
+         set_decay_rate(h, number("decay_rate", v));
+       }},
+      {"beta_1",
+       [](const AdafactorHyper& h) -> nb::object {
+         auto b = beta_1(h);
+         return b ? py_float(*b) : nb::none();
+       },
+       set_beta_1_from},
+      {"weight_decay",
+       [](const AdafactorHyper& h) { return py_float(h.weight_decay); },
+       [](AdafactorHyper& h, nb::handle v) {
+         set_weight_decay(h, number("weight_decay", v));
+       }},
+      flag<AF_SCALE_PARAMETER>("scale_parameter"),
+      flag<AF_RELATIVE_STEP>("relative_step"),
+      flag<AF_WARMUP_INIT>("warmup_init"),
+  };
+  return table;
+}
+
+std::string repr(const AdafactorHyper& h) {
+  std::string out = "Hyper(";
+  const char* sep = "";
+  for (const auto& o : options()) {
+    out += sep;
+    out += o.name;
+    out += "=";
+    out += nb::repr(o.get(h)).c_str();
+    sep = ", ";
+  }
+  return out + ")";
+}
+
+// Hyper(**options): every option of the table, nothing else.
+void init(AdafactorHyper* self, nb::kwargs kwargs) {
+  AdafactorHyper h = empty_hyper();
+  for (const auto& o : options()) {
+    if (!kwargs.contains(o.name)) {
+      throw nb::type_error(
+          (std::string("[adafactor] Hyper() needs the option '") + o.name +
+           "'.")
+              .c_str());
+    }
+    o.set(h, kwargs[o.name]);
+  }
+  for (auto [key, value] : kwargs) {
+    const std::string name = nb::cast<std::string>(key);
+    bool known = false;
+    for (const auto& o : options()) {
+      known = known || name == o.name;
+    }
+    if (!known) {
+      throw nb::type_error(
+          ("[adafactor] Hyper() has no option '" + name + "'.").c_str());
+    }
+  }
+  new (self) AdafactorHyper(h);
 }
 
 } // namespace
@@ -111,76 +180,19 @@ void bind_hyper(nb::module_& m) {
       m,
       "Hyper",
       "The hyper-parameters of one fused step, named as the options of "
-      "Adafactor (NOTE: [hyper-parameters]). Every option is required; the "
-      "defaults are those of Adafactor.__init__.");
-  cls.def(
-      "__init__",
-      [](AdafactorHyper* self,
-         nb::handle eps,
-         nb::handle clip_threshold,
-         nb::handle decay_rate,
-         nb::handle beta_1,
-         nb::handle weight_decay,
-         nb::handle scale_parameter,
-         nb::handle relative_step,
-         nb::handle warmup_init) {
-        AdafactorHyper h = empty_hyper();
-        set_eps_from(h, eps);
-        set_clip_threshold(h, number("clip_threshold", clip_threshold));
-        set_decay_rate(h, number("decay_rate", decay_rate));
-        set_beta_1_from(h, beta_1);
-        set_weight_decay(h, number("weight_decay", weight_decay));
-        set_flag(h, AF_SCALE_PARAMETER, truth(scale_parameter));
-        set_flag(h, AF_RELATIVE_STEP, truth(relative_step));
-        set_flag(h, AF_WARMUP_INIT, truth(warmup_init));
-        new (self) AdafactorHyper(h);
-      },
-      nb::kw_only(),
-      "eps"_a.none(),
-      "clip_threshold"_a.none(),
-      "decay_rate"_a.none(),
-      "beta_1"_a.none(),
-      "weight_decay"_a.none(),
-      "scale_parameter"_a.none(),
-      "relative_step"_a.none(),
-      "warmup_init"_a.none());
-  cls.def_prop_rw(
-      "eps",
-      [](const AdafactorHyper& h) { return nb::make_tuple(h.eps1, h.eps2); },
-      [](AdafactorHyper& h, nb::handle v) { set_eps_from(h, v); },
-      nb::for_setter(nb::arg("value").none()));
-  cls.def_prop_rw(
-      "clip_threshold",
-      [](const AdafactorHyper& h) { return h.clip_threshold; },
-      [](AdafactorHyper& h, nb::handle v) {
-        set_clip_threshold(h, number("clip_threshold", v));
-      },
-      nb::for_setter(nb::arg("value").none()));
-  cls.def_prop_rw(
-      "decay_rate",
-      [](const AdafactorHyper& h) { return h.decay_rate; },
-      [](AdafactorHyper& h, nb::handle v) {
-        set_decay_rate(h, number("decay_rate", v));
-      },
-      nb::for_setter(nb::arg("value").none()));
-  cls.def_prop_rw(
-      "beta_1",
-      [](const AdafactorHyper& h) -> nb::object {
-        auto b = beta_1(h);
-        return b ? nb::object(nb::float_(*b)) : nb::object(nb::none());
-      },
-      [](AdafactorHyper& h, nb::handle v) { set_beta_1_from(h, v); },
-      nb::for_setter(nb::arg("value").none()));
-  cls.def_prop_rw(
-      "weight_decay",
-      [](const AdafactorHyper& h) { return h.weight_decay; },
-      [](AdafactorHyper& h, nb::handle v) {
-        set_weight_decay(h, number("weight_decay", v));
-      },
-      nb::for_setter(nb::arg("value").none()));
-  def_flag<AF_SCALE_PARAMETER>(cls, "scale_parameter");
-  def_flag<AF_RELATIVE_STEP>(cls, "relative_step");
-  def_flag<AF_WARMUP_INIT>(cls, "warmup_init");
+      "Adafactor (NOTE: [hyper-parameters]). Every option is a required "
+      "keyword; the defaults are those of Adafactor.__init__.");
+  cls.def("__init__", &init);
+  nb::list names;
+  for (const auto& o : options()) {
+    names.append(o.name);
+    cls.def_prop_rw(
+        o.name,
+        [get = o.get](const AdafactorHyper& h) { return get(h); },
+        [set = o.set](AdafactorHyper& h, nb::handle v) { set(h, v); },
+        nb::for_setter(nb::arg("value").none()));
+  }
+  cls.attr("OPTIONS") = nb::tuple(names);
   cls.def("__repr__", &repr);
   cls.def("__eq__", [](const AdafactorHyper& a, const AdafactorHyper& b) {
     return same_hyper(a, b);
@@ -193,11 +205,6 @@ void bind_hyper(nb::module_& m) {
         return nb::bytes(reinterpret_cast<const char*>(&h), sizeof(h));
       },
       "The struct as the kernels read it (kernels/adafactor_math.h).");
-  nb::list options;
-  for (const char* name : kHyperOptions) {
-    options.append(name);
-  }
-  cls.attr("OPTIONS") = nb::tuple(options);
 }
 
 } // namespace mlx_fused_adafactor

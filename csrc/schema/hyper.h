@@ -19,18 +19,6 @@
 
 namespace mlx_fused_adafactor {
 
-// The option names, as the constructor of the Python class spells them.
-inline constexpr const char* kHyperOptions[] = {
-    "eps",
-    "clip_threshold",
-    "decay_rate",
-    "beta_1",
-    "weight_decay",
-    "scale_parameter",
-    "relative_step",
-    "warmup_init",
-};
-
 // A hyper-parameter object with every field zero. Only meaningful once each
 // option has been set.
 AdafactorHyper empty_hyper();

@@ -66,17 +66,11 @@ class Adafactor(Optimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
     ):
+        # Every argument but the learning rate is an option of _ext.Hyper,
+        # which validates it (NOTE: [hyper-parameters]).
+        arguments = locals()
+        options = {name: arguments[name] for name in _ext.Hyper.OPTIONS}
         super().__init__()
-        options = dict(
-            eps=eps,
-            clip_threshold=clip_threshold,
-            decay_rate=decay_rate,
-            beta_1=beta_1,
-            weight_decay=weight_decay,
-            scale_parameter=scale_parameter,
-            relative_step=relative_step,
-            warmup_init=warmup_init,
-        )
         self._hyper = _ext.Hyper(**options)
         # The values as given, for reading them back (stock keeps them so).
         self._options = options
