@@ -57,6 +57,7 @@ static AF_CONST constexpr int AF_RELATIVE_STEP = 2;
 static AF_CONST constexpr int AF_WARMUP_INIT = 4;
 static AF_CONST constexpr int AF_MOMENTUM = 8;
 static AF_CONST constexpr int AF_WEIGHT_DECAY = 16;
+static AF_CONST constexpr int AF_STOCHASTIC_ROUNDING = 32;
 
 // Constructor options of the optimizer, fixed for its lifetime.
 struct AdafactorHyper {

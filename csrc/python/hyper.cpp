@@ -130,6 +130,7 @@ const std::vector<Option>& options() {
       flag<AF_SCALE_PARAMETER>("scale_parameter"),
       flag<AF_RELATIVE_STEP>("relative_step"),
       flag<AF_WARMUP_INIT>("warmup_init"),
+      flag<AF_STOCHASTIC_ROUNDING>("stochastic_rounding"),
   };
   return table;
 }

@@ -52,6 +52,9 @@ class Adafactor(Optimizer):
             ``learning_rate``. Default: ``True``.
         warmup_init (bool, optional): Relative step size grows with the step
             count. Default: ``False``.
+        stochastic_rounding (bool, optional, keyword only): Round the new
+            bfloat16 and float16 parameters and ``exp_avg`` stochastically
+            from their float32 values. Default: ``False``.
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class Adafactor(Optimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
+        *,
+        stochastic_rounding: bool = False,
     ):
         # Every argument but the learning rate is an option of _ext.Hyper,
         # which validates it (NOTE: [hyper-parameters]).
