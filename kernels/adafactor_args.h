@@ -79,4 +79,5 @@ struct AdafactorTensorArgs {
   float inv_n; // (float)(1.0 / n)
   float inv_rows; // (float)(1.0 / R)
   float inv_cols; // (float)(1.0 / C)
+  AF_UINT key; // the tensor's key (NOTE: [stochastic rounding])
 };

@@ -43,6 +43,7 @@ inline AdafactorHyper load_hyper(constant AdafactorHyper& h) {
   x.one_minus_beta1 = h.one_minus_beta1;
   x.weight_decay = h.weight_decay;
   x.flags = h.flags;
+  x.seed = h.seed;
   return x;
 }
 

@@ -16,6 +16,7 @@
 #include <metal_stdlib>
 #define AF_CONST constant
 #define AF_INLINE inline
+#define AF_UINT uint
 #define AF_SQRT(x) metal::precise::sqrt(x)
 #define AF_RSQRT(x) metal::precise::rsqrt(x)
 #define AF_POW(x, y) metal::precise::pow(x, y)
@@ -24,8 +25,10 @@
 #else
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #define AF_CONST
 #define AF_INLINE inline
+#define AF_UINT uint32_t
 #define AF_SQRT(x) std::sqrt(x)
 #define AF_RSQRT(x) (1.0f / std::sqrt(x))
 #define AF_POW(x, y) std::pow(x, y)
@@ -69,6 +72,7 @@ struct AdafactorHyper {
   float one_minus_beta1; // 1 - beta1, computed in double on the host as stock
   float weight_decay; // decoupled weight decay, used if flags & AF_WEIGHT_DECAY
   int flags; // AF_* bits above
+  AF_UINT seed; // of the stochastic rounding (NOTE: [stochastic rounding])
 };
 
 // Values that depend on the step count and learning rate, same for every
@@ -190,4 +194,122 @@ AF_INLINE float adafactor_apply(
     p = p + p * (-h.weight_decay * ts.lr);
   }
   return p - u;
+}
+
+// NOTE: [stochastic rounding]
+// With AF_STOCHASTIC_ROUNDING, a new parameter or exp_avg stored in
+// bfloat16 or float16 is rounded from its float32 value to one of its two
+// neighbours in the storage type, up (away from zero) with probability equal
+// to the fractional distance to the upper one, so that the expected stored
+// value is the float32 value. NaN, Inf and values that round to Inf behave
+// as with round to nearest, and a finite value never rounds to Inf.
+//
+// The random bits are a pure function of (seed, the parameter's path, the
+// step count, the stream, the element index): MurmurHash3's 32-bit
+// finalizer (fmix32), applied twice to the index mixed with a key. The key
+// of a tensor (adafactor_tensor_key, on the host: the seed and an FNV-1a
+// hash of the path) is mixed with the step and the stream (0: the
+// parameter, 1: exp_avg) once per tensor. So the CPU path and the Metal
+// kernels draw bitwise the same bits, whatever the thread count, tiling,
+// eager or compiled step, data-parallel rank, or a resumed run. The
+// rounding below is exact float32 arithmetic (every operation's result is
+// representable), so both produce bitwise the same values.
+
+#if defined(__METAL__)
+AF_INLINE AF_UINT af_float_bits(float x) {
+  return as_type<uint>(x);
+}
+AF_INLINE float af_bits_float(AF_UINT u) {
+  return as_type<float>(u);
+}
+#else
+AF_INLINE AF_UINT af_float_bits(float x) {
+  AF_UINT u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+AF_INLINE float af_bits_float(AF_UINT u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+#endif
+
+// MurmurHash3's finalizer: a bijection of 32-bit words with full avalanche.
+AF_INLINE AF_UINT adafactor_fmix32(AF_UINT x) {
+  x ^= x >> 16;
+  x *= 0x85ebca6bu;
+  x ^= x >> 13;
+  x *= 0xc2b2ae35u;
+  x ^= x >> 16;
+  return x;
+}
+
+// The streams of a tensor.
+static AF_CONST constexpr int AF_STREAM_PARAM = 0;
+static AF_CONST constexpr int AF_STREAM_EXP_AVG = 1;
+
+// The key of a tensor: the seed and the hash of its path.
+AF_INLINE AF_UINT adafactor_tensor_key(AF_UINT seed, AF_UINT path_hash) {
+  return adafactor_fmix32(adafactor_fmix32(seed) ^ path_hash);
+}
+
+// The key of one stream of a tensor at step `step`.
+AF_INLINE AF_UINT
+adafactor_stream_key(AF_UINT tensor_key, AF_UINT step, AF_UINT stream) {
+  const AF_UINT k = adafactor_fmix32(tensor_key ^ (step * 0x9e3779b9u));
+  return adafactor_fmix32(k ^ (stream * 0x85ebca77u + 0x27d4eb2fu));
+}
+
+// The 32 random bits of element (index_hi * 2^32 + index_lo) of a stream.
+AF_INLINE AF_UINT
+adafactor_random_bits(AF_UINT key, AF_UINT index_lo, AF_UINT index_hi) {
+  return adafactor_fmix32(adafactor_fmix32(index_lo ^ key) ^ (index_hi + key));
+}
+
+// `v` rounded stochastically to a value bfloat16 represents, with the
+// random `bits` (their low 16 are used): the bits below bfloat16's are
+// added before the truncation, so v rounds away from zero with probability
+// (its distance to the lower neighbour) / (the spacing).
+AF_INLINE float adafactor_round_bf16(float v, AF_UINT bits) {
+  const AF_UINT u = af_float_bits(v);
+  // NaN, Inf and values that round to Inf: left to round to nearest.
+  if ((u & 0x7fffffffu) >= 0x7f7f8000u) {
+    return v;
+  }
+  const AF_UINT up = (u + (bits & 0xffffu)) & 0xffff0000u;
+  // Never past the largest finite value.
+  return (up & 0x7f800000u) == 0x7f800000u ? af_bits_float(u & 0xffff0000u)
+                                            : af_bits_float(up);
+}
+
+// `v` rounded stochastically to a value float16 represents, with the random
+// `bits` (their high 24 are used). The lower neighbour `lo` and the spacing
+// are exact in float32, and so is the fractional distance.
+AF_INLINE float adafactor_round_f16(float v, AF_UINT bits) {
+  const AF_UINT u = af_float_bits(v);
+  const AF_UINT mag = u & 0x7fffffffu;
+  // NaN, Inf and values that round to Inf (>= 65520): left to round to
+  // nearest.
+  if (mag >= 0x477ff000u) {
+    return v;
+  }
+  const float a = af_bits_float(mag);
+  float lo;
+  float spacing;
+  if (mag >= 0x38800000u) {
+    // Normal in float16 (>= 2^-14): 10 fraction bits.
+    lo = af_bits_float(mag & 0xffffe000u);
+    spacing = af_bits_float((mag & 0x7f800000u) - (10u << 23));
+  } else {
+    // Subnormal in float16: multiples of 2^-24.
+    spacing = 1.0f / 16777216.0f;
+    lo = float(AF_UINT(a * 16777216.0f)) * spacing;
+  }
+  const float frac = (a - lo) / spacing;
+  const float draw = float(bits >> 8) * (1.0f / 16777216.0f);
+  float r = draw < frac ? lo + spacing : lo;
+  // Never past the largest finite value.
+  r = r > 65504.0f ? lo : r;
+  return (u & 0x80000000u) ? -r : r;
 }

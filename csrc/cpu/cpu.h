@@ -23,9 +23,11 @@ class StepRunner {
 };
 
 // The step over `inputs` (NOTE: [slot layout]) writing `outputs`, whose
-// buffers must be set.
+// buffers must be set; `keys[i]` is tensor i's key (NOTE: [stochastic
+// rounding]).
 std::shared_ptr<StepRunner> make_runner(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs);
@@ -34,6 +36,7 @@ std::shared_ptr<StepRunner> make_runner(
 // MLX says it can be donated) and encode the step on the stream.
 void eval(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
     mx::Stream stream);
@@ -42,6 +45,7 @@ void eval(
 // evaluated outputs of the given shapes and dtypes.
 std::vector<mx::array> run_eager(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     std::vector<mx::array> inputs,
     std::vector<mx::Shape> shapes,

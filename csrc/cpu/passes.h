@@ -42,6 +42,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "adafactor_math.h"
@@ -247,16 +248,38 @@ AF_SIMD_CLONES float pass2_factored(
   return u2;
 }
 
+// `v` as the storage type P will round it: stochastically with the random
+// `bits` (NOTE: [stochastic rounding]) when Stochastic and P is 16-bit.
+template <bool Stochastic, typename P>
+inline float rounded(float v, AF_UINT bits) {
+  if constexpr (Stochastic && std::is_same_v<P, bf16>) {
+    return adafactor_round_bf16(v, bits);
+  } else if constexpr (Stochastic && std::is_same_v<P, f16>) {
+    return adafactor_round_f16(v, bits);
+  } else {
+    return v;
+  }
+}
+
+// The random bits of element `e` of the stream with `key`.
+inline AF_UINT element_bits(AF_UINT key, int64_t e) {
+  return adafactor_random_bits(
+      key, static_cast<AF_UINT>(e), static_cast<AF_UINT>(e >> 32));
+}
+
 // Apply the clipped update to `w` elements at `base`; `u_of(c)` forms the
 // unclipped update of element c.
-template <bool Momentum, typename P, typename G, typename U>
+template <bool Momentum, bool Stochastic, typename P, typename G, typename U>
 inline void apply_range(
     const TensorData<P, G>& x,
-    const AdafactorTensorScalars ts,
+    const TensorPlan& t,
     const AdafactorHyper h,
     int64_t base,
     int64_t w,
     U u_of) {
+  const AdafactorTensorScalars ts = t.ts;
+  const AF_UINT param_key = t.param_key;
+  const AF_UINT exp_avg_key = t.exp_avg_key;
   const P* p = x.param + base;
   P* p_out = x.param_out + base;
   if constexpr (Momentum) {
@@ -266,8 +289,10 @@ inline void apply_range(
     for (int64_t c = 0; c < w; ++c) {
       float mv = load(m, c);
       const float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
-      store(m_out, c, mv);
-      store(p_out, c, pv);
+      store(m_out, c,
+            rounded<Stochastic, P>(mv, element_bits(exp_avg_key, base + c)));
+      store(p_out, c,
+            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
     }
   } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
     // The update rounded to the storage type before the subtraction.
@@ -282,13 +307,15 @@ inline void apply_range(
 #pragma omp simd
     for (int64_t c = 0; c < w; ++c) {
       float mv = 0.0f;
-      store(p_out, c, adafactor_apply(load(p, c), u_of(c), mv, ts, h));
+      const float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
+      store(p_out, c,
+            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
     }
   }
 }
 
 // Pass 3 of one item: clip, scale and apply the update.
-template <bool Momentum, typename P, typename G>
+template <bool Momentum, bool Stochastic, typename P, typename G>
 AF_SIMD_CLONES void pass3(
     const TensorData<P, G>& x,
     const TensorPlan& t,
@@ -301,7 +328,7 @@ AF_SIMD_CLONES void pass3(
     flat_range(geo.n, it, lo, hi);
     const G* g = x.grad + lo;
     const float* sq = x.sq_out + lo;
-    apply_range<Momentum>(x, t.ts, h, lo, hi - lo, [=](int64_t c) {
+    apply_range<Momentum, Stochastic>(x, t, h, lo, hi - lo, [=](int64_t c) {
       return adafactor_flat_update(sq[c], load(g, c));
     });
     return;
@@ -315,9 +342,10 @@ AF_SIMD_CLONES void pass3(
     const float rf = row_fac[mat + r];
     const int64_t base = (mat + r) * geo.cols + tile.c0;
     const G* g = x.grad + base;
-    apply_range<Momentum>(x, t.ts, h, base, tile.c1 - tile.c0, [=](int64_t c) {
-      return adafactor_factored_update(rf, col_fac[c], load(g, c));
-    });
+    apply_range<Momentum, Stochastic>(
+        x, t, h, base, tile.c1 - tile.c0, [=](int64_t c) {
+          return adafactor_factored_update(rf, col_fac[c], load(g, c));
+        });
   }
 }
 

@@ -62,11 +62,13 @@ class CpuRunner : public StepRunner {
  public:
   CpuRunner(
       const AdafactorHyper& h,
+      const std::vector<AF_UINT>& keys,
       const SlotLayout& layout,
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs)
       : step_(h) {
-    for (const auto& t : layout.tensors()) {
+    for (size_t i = 0; i < layout.size(); ++i) {
+      const auto& t = layout[i];
       TensorData<P, G> x;
       x.param = static_cast<const P*>(staging_.data(inputs[t.param_in()]));
       x.grad = static_cast<const G*>(staging_.data(inputs[t.grad_in()]));
@@ -93,7 +95,7 @@ class CpuRunner : public StepRunner {
             break;
         }
       }
-      step_.add(x, make_geometry(shape_of(inputs[t.param_in()])));
+      step_.add(x, make_geometry(shape_of(inputs[t.param_in()])), keys[i]);
     }
     step_.plan();
   }
@@ -111,16 +113,20 @@ class CpuRunner : public StepRunner {
 template <typename P>
 std::shared_ptr<StepRunner> make_runner_p(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   switch (inputs[layout[0].grad_in()].dtype()) {
     case mx::float32:
-      return std::make_shared<CpuRunner<P, float>>(h, layout, inputs, outputs);
+      return std::make_shared<CpuRunner<P, float>>(
+          h, keys, layout, inputs, outputs);
     case mx::float16:
-      return std::make_shared<CpuRunner<P, f16>>(h, layout, inputs, outputs);
+      return std::make_shared<CpuRunner<P, f16>>(
+          h, keys, layout, inputs, outputs);
     case mx::bfloat16:
-      return std::make_shared<CpuRunner<P, bf16>>(h, layout, inputs, outputs);
+      return std::make_shared<CpuRunner<P, bf16>>(
+          h, keys, layout, inputs, outputs);
     default:
       throw std::invalid_argument("[adafactor] unsupported gradient dtype.");
   }
@@ -144,16 +150,17 @@ size_t alloc_output(const mx::array& in, mx::array& out) {
 
 std::shared_ptr<StepRunner> make_runner(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
   switch (inputs[layout[0].param_in()].dtype()) {
     case mx::float32:
-      return make_runner_p<float>(h, layout, inputs, outputs);
+      return make_runner_p<float>(h, keys, layout, inputs, outputs);
     case mx::float16:
-      return make_runner_p<f16>(h, layout, inputs, outputs);
+      return make_runner_p<f16>(h, keys, layout, inputs, outputs);
     case mx::bfloat16:
-      return make_runner_p<bf16>(h, layout, inputs, outputs);
+      return make_runner_p<bf16>(h, keys, layout, inputs, outputs);
     default:
       throw std::invalid_argument("[adafactor] unsupported parameter dtype.");
   }
@@ -161,6 +168,7 @@ std::shared_ptr<StepRunner> make_runner(
 
 void eval(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
     mx::Stream stream) {
@@ -179,7 +187,7 @@ void eval(
   }
   BufferCache::instance().reserve(cached);
 
-  auto runner = make_runner(h, layout, inputs, outputs);
+  auto runner = make_runner(h, keys, layout, inputs, outputs);
   auto& encoder = mx::cpu::get_command_encoder(stream);
   for (auto& a : inputs) {
     encoder.set_input_array(a);
@@ -196,6 +204,7 @@ void eval(
 
 std::vector<mx::array> run_eager(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     std::vector<mx::array> inputs,
     std::vector<mx::Shape> shapes,
@@ -228,7 +237,7 @@ std::vector<mx::array> run_eager(
     outputs.emplace_back(cache.acquire(bytes), std::move(shapes[i]), dtypes[i]);
   }
   cache.reserve(total);
-  make_runner(h, layout, inputs, outputs)
+  make_runner(h, keys, layout, inputs, outputs)
       ->execute(
           inputs[SlotLayout::kStep].item<float>(),
           inputs[SlotLayout::kLr].item<float>());

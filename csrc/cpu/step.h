@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "adafactor_math.h"
@@ -21,9 +22,10 @@ class CpuStep {
   explicit CpuStep(const AdafactorHyper& h) : h_(h) {}
 
   // Add a tensor; call plan() once all are added.
-  void add(const TensorData<P, G>& data, const Geometry& geo) {
+  void add(const TensorData<P, G>& data, const Geometry& geo, AF_UINT key) {
     TensorPlan t;
     t.geo = geo;
+    t.key = key;
     t.tiles = make_tiling(geo);
     // NOTE: [folded update sum]: tiles must span whole rows.
     t.fold = geo.factored && t.tiles.n_col_blocks == 1;
@@ -49,6 +51,13 @@ class CpuStep {
   void run(float t, float lr) {
     auto& pool = ThreadPool::instance();
     s_ = adafactor_step_scalars(t, lr, h_);
+    if (stochastic()) {
+      const AF_UINT step = static_cast<AF_UINT>(t);
+      for (auto& p : plans_) {
+        p.param_key = adafactor_stream_key(p.key, step, AF_STREAM_PARAM);
+        p.exp_avg_key = adafactor_stream_key(p.key, step, AF_STREAM_EXP_AVG);
+      }
+    }
     size_t total = 0;
     for (auto& p : plans_) {
       total += p.geo.n;
@@ -97,17 +106,25 @@ class CpuStep {
 
   void pass3(size_t k) {
     const Item& it = items_[k];
+    const auto& x = data_[it.tensor];
+    const auto& t = plans_[it.tensor];
+    const float* scratch = scratch_.data();
     if (has_flag(AF_MOMENTUM)) {
-      cpu::pass3<true>(data_[it.tensor], plans_[it.tensor], it, h_,
-                       scratch_.data());
+      stochastic() ? cpu::pass3<true, true>(x, t, it, h_, scratch)
+                   : cpu::pass3<true, false>(x, t, it, h_, scratch);
     } else {
-      cpu::pass3<false>(data_[it.tensor], plans_[it.tensor], it, h_,
-                        scratch_.data());
+      stochastic() ? cpu::pass3<false, true>(x, t, it, h_, scratch)
+                   : cpu::pass3<false, false>(x, t, it, h_, scratch);
     }
   }
 
   bool has_flag(int flag) const {
     return (h_.flags & flag) != 0;
+  }
+
+  // NOTE: [stochastic rounding] applies: asked for, and a 16-bit storage.
+  bool stochastic() const {
+    return has_flag(AF_STOCHASTIC_ROUNDING) && !std::is_same_v<P, float>;
   }
 
   bool any_needs_pass2() const {

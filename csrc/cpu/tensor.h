@@ -42,6 +42,11 @@ struct TensorPlan {
   bool needs_pass2 = false;
   // Learning rate and clipping, known after the reductions.
   AdafactorTensorScalars ts{};
+  // NOTE: [stochastic rounding]: the tensor's key, and the keys of its
+  // streams at the running step.
+  AF_UINT key = 0;
+  AF_UINT param_key = 0;
+  AF_UINT exp_avg_key = 0;
 };
 
 // The sums one work item contributes to its tensor.

@@ -60,16 +60,19 @@ std::string dtype_token(mx::Dtype t) {
 // The tensors of the primitive's inputs, as the plan needs them.
 std::vector<TensorDesc> describe(
     const SlotLayout& layout,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mx::array>& inputs) {
   std::vector<TensorDesc> tensors;
   tensors.reserve(layout.size());
-  for (const auto& t : layout.tensors()) {
+  for (size_t i = 0; i < layout.size(); ++i) {
+    const auto& t = layout[i];
     const auto& p = inputs[t.param_in()];
     tensors.push_back(
         {std::vector<int64_t>(p.shape().begin(), p.shape().end()),
          dtype_token(p.dtype()),
          dtype_token(inputs[t.grad_in()].dtype()),
-         t});
+         t,
+         keys[i]});
   }
   return tensors;
 }
@@ -98,6 +101,7 @@ bool kernels_ready(const mx::Stream&, std::string&) {
 
 void eval(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs,
     mx::Stream s) {
@@ -120,7 +124,7 @@ void eval(
     }
   }
 
-  const Plan plan = make_plan(h, describe(layout, ins));
+  const Plan plan = make_plan(h, describe(layout, keys, ins));
 
   // Outputs first: donation must be decided before anything else holds the
   // inputs.
@@ -193,6 +197,7 @@ bool kernels_ready(const mx::Stream&, std::string& why) {
 
 void eval(
     const AdafactorHyper&,
+    const std::vector<AF_UINT>&,
     const std::vector<mx::array>&,
     std::vector<mx::array>&,
     mx::Stream) {

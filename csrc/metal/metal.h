@@ -28,6 +28,7 @@ bool kernels_ready(const mlx::core::Stream& stream, std::string& why);
 // AdafactorStep::eval_gpu.
 void eval(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mlx::core::array>& inputs,
     std::vector<mlx::core::array>& outputs,
     mlx::core::Stream stream);

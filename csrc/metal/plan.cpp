@@ -71,6 +71,7 @@ class TensorPlanner {
       int tensor)
       : plan_(plan), h_(h), x_(x), tensor_(tensor), scratch_(plan.scratch_bytes) {
     args_ = tensor_args(x.shape, small_);
+    args_.key = x.key;
     momentum_ = x.slots.has(Entry::ExpAvg);
     const TensorSlots& s = x.slots;
     p_in_ = s.param_in();

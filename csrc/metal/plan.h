@@ -32,6 +32,7 @@ struct TensorDesc {
   std::string param_type; // MLX dtype token: float32, float16 or bfloat16
   std::string grad_type;
   TensorSlots slots; // where its arrays are (NOTE: [slot layout])
+  AF_UINT key = 0; // NOTE: [stochastic rounding]
 };
 
 // Where a bound buffer comes from.

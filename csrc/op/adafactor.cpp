@@ -13,6 +13,7 @@
 #include "op/backend.h"
 #include "op/primitive.h"
 #include "op/reference.h"
+#include "schema/hyper.h"
 #include "schema/slots.h"
 
 namespace mlx_fused_adafactor {
@@ -120,6 +121,7 @@ StepInputs assemble(
 // still fill the thread pool inside each primitive.
 std::vector<mx::array> lazy_step(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const SlotLayout& layout,
     StepInputs& in,
     mx::Stream stream) {
@@ -131,6 +133,7 @@ std::vector<mx::array> lazy_step(
         in.inputs[SlotLayout::kStep], in.inputs[SlotLayout::kLr]};
     std::vector<mx::Shape> shapes;
     std::vector<mx::Dtype> dtypes;
+    std::vector<AF_UINT> chunk_keys;
     for (; next < layout.size(); ++next) {
       const auto& t = layout[next];
       if (!shapes.empty() && shapes.size() + t.num_out() > kMaxLazyOutputs) {
@@ -143,11 +146,12 @@ std::vector<mx::array> lazy_step(
         shapes.push_back(std::move(in.shapes[t.first_out + k]));
         dtypes.push_back(in.dtypes[t.first_out + k]);
       }
+      chunk_keys.push_back(keys[next]);
     }
     auto arrays = mx::array::make_arrays(
         std::move(shapes),
         dtypes,
-        std::make_shared<AdafactorStep>(stream, h),
+        std::make_shared<AdafactorStep>(stream, h, std::move(chunk_keys)),
         chunk_in);
     outputs.insert(outputs.end(), arrays.begin(), arrays.end());
   }
@@ -186,6 +190,13 @@ std::vector<mx::array> adafactor_step(
   if (n == 0) {
     return {};
   }
+  // NOTE: [stochastic rounding]: each tensor's key, from its path.
+  std::vector<AF_UINT> keys(n, 0);
+  if (has_flag(hyper, AF_STOCHASTIC_ROUNDING)) {
+    for (size_t i = 0; i < n; ++i) {
+      keys[i] = tensor_key(hyper, names[i]);
+    }
+  }
 
   // NOTE: [backend]
   const Route r = route(stream);
@@ -195,7 +206,7 @@ std::vector<mx::array> adafactor_step(
           "[adafactor] " + r.reason +
           "; running the pure-MLX implementation of the same float32 math.");
     }
-    return reference_step(hyper, in.inputs, stream);
+    return reference_step(hyper, keys, in.inputs, stream);
   }
 
   // NOTE: [eager step]
@@ -205,9 +216,14 @@ std::vector<mx::array> adafactor_step(
   }
   if (eager) {
     return cpu::run_eager(
-        hyper, layout, std::move(in.inputs), std::move(in.shapes), in.dtypes);
+        hyper,
+        keys,
+        layout,
+        std::move(in.inputs),
+        std::move(in.shapes),
+        in.dtypes);
   }
-  return lazy_step(hyper, layout, in, stream);
+  return lazy_step(hyper, keys, layout, in, stream);
 }
 
 } // namespace mlx_fused_adafactor

@@ -14,18 +14,18 @@ namespace mlx_fused_adafactor {
 void AdafactorStep::eval_cpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  cpu::eval(hyper_, inputs, outputs, stream());
+  cpu::eval(hyper_, keys_, inputs, outputs, stream());
 }
 
 void AdafactorStep::eval_gpu(
     const std::vector<mx::array>& inputs,
     std::vector<mx::array>& outputs) {
-  metal::eval(hyper_, inputs, outputs, stream());
+  metal::eval(hyper_, keys_, inputs, outputs, stream());
 }
 
 std::vector<mx::array> AdafactorStep::fallback(
     const std::vector<mx::array>& inputs) {
-  return reference_step(hyper_, inputs, stream());
+  return reference_step(hyper_, keys_, inputs, stream());
 }
 
 std::vector<mx::array> AdafactorStep::vjp(
@@ -69,7 +69,8 @@ std::pair<std::vector<mx::array>, std::vector<int>> AdafactorStep::vmap(
 }
 
 bool AdafactorStep::is_equivalent(const mx::Primitive& other) const {
-  return same_hyper(hyper_, static_cast<const AdafactorStep&>(other).hyper_);
+  const auto& o = static_cast<const AdafactorStep&>(other);
+  return same_hyper(hyper_, o.hyper_) && keys_ == o.keys_;
 }
 
 std::vector<mx::Shape> AdafactorStep::output_shapes(

@@ -17,8 +17,12 @@ namespace mx = mlx::core;
 // implementation (NOTE: [reference]), as for MLX's fast ops.
 class AdafactorStep : public mx::Primitive {
  public:
-  AdafactorStep(mx::Stream stream, const AdafactorHyper& hyper)
-      : mx::Primitive(stream), hyper_(hyper) {}
+  // `keys[i]` is tensor i's key (NOTE: [stochastic rounding]).
+  AdafactorStep(
+      mx::Stream stream,
+      const AdafactorHyper& hyper,
+      std::vector<AF_UINT> keys)
+      : mx::Primitive(stream), hyper_(hyper), keys_(std::move(keys)) {}
 
   void eval_cpu(
       const std::vector<mx::array>& inputs,
@@ -55,6 +59,7 @@ class AdafactorStep : public mx::Primitive {
   std::vector<mx::array> fallback(const std::vector<mx::array>& inputs);
 
   AdafactorHyper hyper_;
+  std::vector<AF_UINT> keys_;
 };
 
 } // namespace mlx_fused_adafactor

@@ -25,8 +25,10 @@ namespace mx = mlx::core;
 
 // The new parameters and state (NOTE: [slot layout]) of `inputs`, as a
 // graph of MLX ops on `stream`.
+// `keys[i]` is tensor i's key (NOTE: [stochastic rounding]).
 std::vector<mx::array> reference_step(
     const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
     const std::vector<mx::array>& inputs,
     mx::Stream stream);
 

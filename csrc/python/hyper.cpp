@@ -43,6 +43,27 @@ double number(const char* option, nb::handle v) {
           .c_str());
 }
 
+// An integer, as Python's operator.index() takes it (int, NumPy integers,
+// integer 0-D arrays).
+long long integer(const char* option, nb::handle v) {
+  PyObject* i = PyNumber_Index(v.ptr());
+  if (i) {
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(i, &overflow);
+    Py_DECREF(i);
+    if (!overflow && !(value == -1 && PyErr_Occurred())) {
+      return value;
+    }
+    PyErr_Clear();
+    return overflow > 0 ? -1 : -2;
+  }
+  PyErr_Clear();
+  throw nb::type_error(
+      (std::string("[adafactor] ") + option + " must be an integer, got " +
+       nb::repr(v).c_str() + " (" + type_of(v) + ").")
+          .c_str());
+}
+
 bool truth(nb::handle v) {
   const int t = PyObject_IsTrue(v.ptr());
   if (t < 0) {
@@ -131,6 +152,11 @@ const std::vector<Option>& options() {
       flag<AF_RELATIVE_STEP>("relative_step"),
       flag<AF_WARMUP_INIT>("warmup_init"),
       flag<AF_STOCHASTIC_ROUNDING>("stochastic_rounding"),
+      {"seed",
+       [](const AdafactorHyper& h) -> nb::object { return nb::int_(h.seed); },
+       [](AdafactorHyper& h, nb::handle v) {
+         set_seed(h, integer("seed", v));
+       }},
   };
   return table;
 }

@@ -21,6 +21,7 @@
 #include "op/adafactor.h"
 #include "op/reference.h"
 #include "python/bindings.h"
+#include "schema/hyper.h"
 #include "schema/slots.h"
 
 namespace nb = nanobind;
@@ -223,13 +224,17 @@ nb::tuple reference(
     const mx::array& param,
     const mx::array& grad,
     nb::handle state,
-    const AdafactorHyper& h) {
+    const AdafactorHyper& h,
+    const std::string& path) {
   const EntryKeys keys;
   std::vector<mx::array> inputs = {step, learning_rate, param, grad};
   for (auto& a : input_state(state, param, "<reference>", h, keys)) {
     inputs.push_back(std::move(a));
   }
-  auto outs = reference_step(h, inputs, mx::default_stream(mx::default_device()));
+  const std::vector<AF_UINT> tensor_keys = {
+      has_flag(h, AF_STOCHASTIC_ROUNDING) ? tensor_key(h, path) : 0};
+  auto outs = reference_step(
+      h, tensor_keys, inputs, mx::default_stream(mx::default_device()));
   const SlotLayout layout({param.ndim()}, h);
   nb::object p = nb::cast(outs[layout[0].param_out()]);
   return nb::make_tuple(p, state_dict(layout[0], outs, keys));
@@ -266,8 +271,10 @@ void bind_step(nb::module_& m) {
       "gradient"_a,
       "state"_a,
       "hyper"_a,
+      "path"_a = "",
       "One tensor through the pure-MLX implementation (NOTE: [reference]); "
-      "returns the new parameter and state dict.");
+      "`path` is the parameter's path, which its stochastic rounding depends "
+      "on. Returns the new parameter and state dict.");
 }
 
 } // namespace mlx_fused_adafactor

@@ -105,6 +105,14 @@ void set_flag(AdafactorHyper& h, int flag, bool on) {
   h.flags = on ? (h.flags | flag) : (h.flags & ~flag);
 }
 
+void set_seed(AdafactorHyper& h, long long value) {
+  // NOTE: [stochastic rounding]: a 32-bit key.
+  if (value < 0 || value > 0xffffffffLL) {
+    reject("seed", static_cast<double>(value), "in [0, 2^32)");
+  }
+  h.seed = static_cast<AF_UINT>(value);
+}
+
 bool has_flag(const AdafactorHyper& h, int flag) {
   return (h.flags & flag) != 0;
 }
@@ -114,6 +122,14 @@ std::optional<float> beta_1(const AdafactorHyper& h) {
     return h.beta1;
   }
   return std::nullopt;
+}
+
+AF_UINT tensor_key(const AdafactorHyper& h, const std::string& path) {
+  AF_UINT hash = 2166136261u;
+  for (unsigned char c : path) {
+    hash = (hash ^ c) * 16777619u;
+  }
+  return adafactor_tensor_key(h.seed, hash);
 }
 
 bool same_hyper(const AdafactorHyper& a, const AdafactorHyper& b) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include "adafactor_math.h"
 
@@ -32,9 +33,14 @@ void set_decay_rate(AdafactorHyper& h, double value);
 void set_beta_1(AdafactorHyper& h, std::optional<double> value);
 void set_weight_decay(AdafactorHyper& h, double value);
 void set_flag(AdafactorHyper& h, int flag, bool on);
+void set_seed(AdafactorHyper& h, long long value);
 
 bool has_flag(const AdafactorHyper& h, int flag);
 std::optional<float> beta_1(const AdafactorHyper& h);
+
+// The key of the parameter at `path` (NOTE: [stochastic rounding]): the
+// seed and the FNV-1a hash of the path's bytes.
+AF_UINT tensor_key(const AdafactorHyper& h, const std::string& path);
 
 // Bitwise equality of every field (is_equivalent, caches).
 bool same_hyper(const AdafactorHyper& a, const AdafactorHyper& b);

@@ -55,6 +55,10 @@ class Adafactor(Optimizer):
         stochastic_rounding (bool, optional, keyword only): Round the new
             bfloat16 and float16 parameters and ``exp_avg`` stochastically
             from their float32 values. Default: ``False``.
+        seed (int, optional, keyword only): Seed of the stochastic rounding,
+            in ``[0, 2**32)``; the random bits are a function of the seed,
+            the parameter's path, the step count and the element. Default:
+            ``0``.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class Adafactor(Optimizer):
         warmup_init: bool = False,
         *,
         stochastic_rounding: bool = False,
+        seed: int = 0,
     ):
         # Every argument but the learning rate is an option of _ext.Hyper,
         # which validates it (NOTE: [hyper-parameters]).

@@ -237,3 +237,12 @@ template <typename T>
 inline T simd_shuffle_down(T v, ushort delta) {
   return emu::simd_exchange(v, [=](uint l) { return l + delta; });
 }
+
+// Reinterpret the bits of a value of the same size.
+template <typename T, typename U>
+inline T as_type(U v) {
+  static_assert(sizeof(T) == sizeof(U), "as_type between sizes");
+  T r;
+  std::memcpy(&r, &v, sizeof(T));
+  return r;
+}
