@@ -54,6 +54,7 @@ StepInputs assemble(
     const std::vector<std::vector<mx::array>>& states,
     const std::vector<std::string>& names,
     const SlotLayout& layout,
+    bool sharded,
     mx::Stream stream) {
   StepInputs out;
   out.inputs.reserve(layout.num_inputs());
@@ -73,8 +74,12 @@ StepInputs assemble(
     if (!is_float_storage(g.dtype())) {
       fail(path, "gradients must be float32, float16 or bfloat16.");
     }
-    if (p.dtype() != params[0].dtype() || g.dtype() != grads[0].dtype()) {
+    if (!sharded &&
+        (p.dtype() != params[0].dtype() || g.dtype() != grads[0].dtype())) {
       fail(path, "all tensors of one fused step must share their dtypes.");
+    }
+    if (sharded && p.ndim() == 0) {
+      fail(path, "a scalar cannot be a shard (shards split axis 0).");
     }
     if (g.shape() != p.shape()) {
       fail(
@@ -168,6 +173,7 @@ std::vector<mx::array> adafactor_step(
     const std::vector<std::vector<mx::array>>& states,
     const std::vector<std::string>& names,
     const AdafactorHyper& hyper,
+    const std::optional<mx::distributed::Group>& shard_group,
     mx::StreamOrDevice s) {
   const auto stream = mx::to_stream(s);
   const size_t n = params.size();
@@ -186,7 +192,15 @@ std::vector<mx::array> adafactor_step(
   }
   const SlotLayout layout(ndims, hyper);
   StepInputs in = assemble(
-      step, learning_rate, params, grads, states, names, layout, stream);
+      step,
+      learning_rate,
+      params,
+      grads,
+      states,
+      names,
+      layout,
+      shard_group.has_value(),
+      stream);
   if (n == 0) {
     return {};
   }
@@ -196,6 +210,11 @@ std::vector<mx::array> adafactor_step(
     for (size_t i = 0; i < n; ++i) {
       keys[i] = tensor_key(hyper, names[i]);
     }
+  }
+
+  // NOTE: [sharded step]
+  if (shard_group) {
+    return reference_step(hyper, keys, in.inputs, stream, shard_group);
   }
 
   // NOTE: [backend]

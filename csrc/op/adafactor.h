@@ -13,10 +13,12 @@
 
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "mlx/array.h"
+#include "mlx/distributed/distributed.h"
 #include "mlx/utils.h"
 
 #include "adafactor_math.h"
@@ -30,7 +32,9 @@ constexpr size_t kMaxLazyOutputs = 48;
 
 // Build the fused step. `states[i]` holds tensor i's state entries in the
 // order of state_entries() (NOTE: [slot layout]); `names[i]` is the
-// parameter path used in error messages. Throws std::invalid_argument
+// parameter path used in error messages. With a `shard_group`, every
+// parameter is this rank's shard (NOTE: [sharded step]) and the step is the
+// reference implementation with collectives. Throws std::invalid_argument
 // naming the path on bad input, before anything is built.
 //
 // NOTE: [eager step]
@@ -49,6 +53,7 @@ std::vector<mx::array> adafactor_step(
     const std::vector<std::vector<mx::array>>& states,
     const std::vector<std::string>& names,
     const AdafactorHyper& hyper,
+    const std::optional<mx::distributed::Group>& shard_group = std::nullopt,
     mx::StreamOrDevice s = {});
 
 } // namespace mlx_fused_adafactor

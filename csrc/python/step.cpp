@@ -12,6 +12,7 @@
 // the arrays to the op.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
@@ -119,7 +120,8 @@ nb::tuple apply_leaves(
     nb::list grads,
     nb::list states,
     nb::list names,
-    const AdafactorHyper& h) {
+    const AdafactorHyper& h,
+    std::optional<nb::list> shard_groups) {
   const EntryKeys keys;
   const size_t n = nb::len(params);
   std::vector<mx::array> p(n, mx::array(0.0f)), g(n, mx::array(0.0f));
@@ -130,18 +132,40 @@ nb::tuple apply_leaves(
     name[i] = nb::cast<std::string>(names[i]);
   }
 
-  // Group by (parameter dtype, gradient dtype), in order of appearance.
+  // Each parameter's shard group (NOTE: [sharded step]); a group of one
+  // process shards nothing.
+  std::vector<std::optional<mx::distributed::Group>> shard(n);
+  for (size_t i = 0; shard_groups && i < n; ++i) {
+    nb::handle v = (*shard_groups)[i];
+    if (!v.is_none()) {
+      auto group = nb::cast<mx::distributed::Group>(v);
+      if (group.size() > 1) {
+        shard[i] = group;
+      }
+    }
+  }
+  auto same_group = [](const std::optional<mx::distributed::Group>& a,
+                       const std::optional<mx::distributed::Group>& b) {
+    return a.has_value() == b.has_value() &&
+        (!a || a->raw_group() == b->raw_group());
+  };
+
+  // Group by (parameter dtype, gradient dtype), in order of appearance, and
+  // by shard group (whose step takes every dtype at once).
   struct Group {
     mx::Dtype p_dtype, g_dtype;
+    std::optional<mx::distributed::Group> shard;
     std::vector<size_t> members;
   };
   std::vector<Group> groups;
   for (size_t i = 0; i < n; ++i) {
     auto it = std::find_if(groups.begin(), groups.end(), [&](const Group& x) {
-      return x.p_dtype == p[i].dtype() && x.g_dtype == g[i].dtype();
+      return same_group(x.shard, shard[i]) &&
+          (shard[i] ||
+           (x.p_dtype == p[i].dtype() && x.g_dtype == g[i].dtype()));
     });
     if (it == groups.end()) {
-      groups.push_back({p[i].dtype(), g[i].dtype(), {}});
+      groups.push_back({p[i].dtype(), g[i].dtype(), shard[i], {}});
       it = groups.end() - 1;
     }
     it->members.push_back(i);
@@ -192,7 +216,8 @@ nb::tuple apply_leaves(
       // Evaluating the inputs runs the forward and backward pass: other
       // Python threads keep running meanwhile.
       nb::gil_scoped_release nogil;
-      outs = adafactor_step(step, learning_rate, gp, gg, gs, gn, h);
+      outs = adafactor_step(
+          step, learning_rate, gp, gg, gs, gn, h, group.shard);
     }
     const SlotLayout layout(ndims, h);
     for (size_t j = 0; j < m; ++j) {
@@ -253,8 +278,11 @@ void bind_step(nb::module_& m) {
       "states"_a,
       "names"_a,
       "hyper"_a,
+      "shard_groups"_a = nb::none(),
       "One optimizer step over parallel lists of parameters, gradients, "
-      "state dicts and names (NOTE: [leaves in C++]). Returns the new "
+      "state dicts and names (NOTE: [leaves in C++]); `shard_groups`, if "
+      "given, holds each parameter's mx.distributed.Group or None "
+      "(NOTE: [sharded step]). Returns the new "
       "parameters and the new state dicts, in list order; changes nothing.");
   m.def(
       "init_state",

@@ -59,6 +59,12 @@ class Adafactor(Optimizer):
             in ``[0, 2**32)``; the random bits are a function of the seed,
             the parameter's path, the step count and the element. Default:
             ``0``.
+        shard_group (mlx.core.distributed.Group, optional, keyword only):
+            Every parameter is this rank's axis-0 shard of a tensor split
+            evenly over the group (``nn.fully_shard``'s layout); the step
+            sums its statistics over the group, so every rank applies the
+            update of the whole tensor. :meth:`update` finds the group of a
+            ``FullyShardedModule`` itself. Default: ``None``.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class Adafactor(Optimizer):
         *,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        shard_group: Optional[mx.distributed.Group] = None,
     ):
         # Every argument but the learning rate is an option of _ext.Hyper,
         # which validates it (NOTE: [hyper-parameters]).
@@ -82,6 +89,9 @@ class Adafactor(Optimizer):
         options = {name: arguments[name] for name in _ext.Hyper.OPTIONS}
         super().__init__()
         self._hyper = _ext.Hyper(**options)
+        self.shard_group = shard_group
+        # Groups of the FullyShardedModules of the model being updated.
+        self._module_groups = {}
         # The values as given, for reading them back (stock keeps them so).
         self._options = options
         if learning_rate is not None:
@@ -98,6 +108,20 @@ class Adafactor(Optimizer):
             raise ValueError("[adafactor] relative_step=False needs a learning_rate.")
 
     @property
+    def shard_group(self):
+        """The group every parameter is a shard of, or None."""
+        return self._shard_group
+
+    @shard_group.setter
+    def shard_group(self, group):
+        if group is not None and not isinstance(group, mx.distributed.Group):
+            raise TypeError(
+                "[adafactor] shard_group must be an mlx.core.distributed.Group "
+                f"or None, got {type(group).__name__}."
+            )
+        self._shard_group = group
+
+    @property
     def hyper(self):
         """The typed hyper-parameters of this optimizer (a copy)."""
         return _ext.Hyper(**self._options)
@@ -109,6 +133,16 @@ class Adafactor(Optimizer):
         state.update(_ext.init_state(parameter, self._hyper))
 
     # ------------------------------------------------------------------- step
+
+    def update(self, model, gradients: dict):
+        """Apply the gradients to the model's parameters. The parameters of
+        an ``nn.FullyShardedModule`` in ``model`` are stepped as shards of
+        its group (NOTE: [sharded step] in csrc/op/reference.h)."""
+        self._module_groups = _fully_sharded_groups(model)
+        try:
+            model.update(self.apply_gradients(gradients, model))
+        finally:
+            self._module_groups = {}
 
     def apply_gradients(self, gradients: dict, parameters: dict):
         """Apply the gradients and return the updated parameters.
@@ -179,7 +213,23 @@ class Adafactor(Optimizer):
             states,
             [leaf.name for leaf in leaves],
             self._hyper,
+            self._shard_groups(leaves),
         )
+
+    def _shard_groups(self, leaves):
+        """Each leaf's shard group, or None when nothing is sharded."""
+        if self._shard_group is not None:
+            return [self._shard_group] * len(leaves)
+        if not self._module_groups:
+            return None
+        groups = []
+        for leaf in leaves:
+            group = None
+            for prefix, g in self._module_groups.items():
+                if not prefix or leaf.name == prefix or leaf.name.startswith(prefix + "."):
+                    group = g
+            groups.append(group)
+        return groups
 
     # Stock's helpers, with stock's behaviour, for code that calls them.
     _compute_rms = _StockAdafactor._compute_rms
@@ -203,6 +253,33 @@ def _option(name):
 
 for _name in _ext.Hyper.OPTIONS:
     setattr(Adafactor, _name, _option(_name))
+
+
+def _fully_sharded_groups(model):
+    """{path of each nn.FullyShardedModule in ``model``: its group}."""
+    import mlx.nn as nn
+
+    modules = getattr(model, "named_modules", None)
+    if modules is None:
+        return {}
+    return {path: _group_of(module) for path, module in modules()
+            if isinstance(module, nn.FullyShardedModule)}
+
+
+def _group_of(module):
+    """The group of an nn.FullyShardedModule. MLX keeps it only in the
+    closure of the module's gather function (mlx/nn/layers/distributed.py,
+    MLX 0.32, the version this package is built for)."""
+    import gc
+
+    for ref in gc.get_referents(module._gather_fn):
+        for cell in getattr(ref, "__closure__", None) or ():
+            if isinstance(cell.cell_contents, mx.distributed.Group):
+                return cell.cell_contents
+    raise ValueError(
+        "[adafactor] cannot find the group of a FullyShardedModule; pass "
+        "Adafactor(shard_group=...)."
+    )
 
 
 def hyper_parameters(**options):

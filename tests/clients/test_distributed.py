@@ -39,21 +39,25 @@ def launcher():
     return str(path) if path.exists() else shutil.which("mlx.launch")
 
 
-def free_port_pair():
-    """A port p with p and p + 1 free (the ring backend listens on one port
-    per rank from --starting-port on)."""
+def free_port_pair(count=2):
+    """A port p with p, p + 1, ... p + count - 1 free (the ring backend
+    listens on one port per rank from --starting-port on)."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            sockets = [socket.socket() for _ in range(count)]
+            try:
+                for k, sock in enumerate(sockets):
+                    sock.bind(("127.0.0.1", port + k))
+            finally:
+                for sock in sockets:
+                    sock.close()
             return port
         except OSError:
             continue
-    raise RuntimeError("no two consecutive free ports")
+    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def read_rank(dump, rank, launch_output):
