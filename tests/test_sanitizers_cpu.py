@@ -1,6 +1,7 @@
 """The CPU path under AddressSanitizer and UndefinedBehaviorSanitizer
 (issue 11 item 2). The `asan` variant (tests/support/variants.py) runs the
-CPU test modules of MODULES, whole, and no sanitizer may report anything.
+CPU tests of MODULES, whole modules but one, and no sanitizer may report
+anything.
 The gate is shown to catch what it guards: with an out-of-bounds read
 planted back through NOTE: [fault switch] (partials_without_rows: a matrix
 without rows folds and reads column partials it does not have, the
@@ -34,6 +35,11 @@ MODULES = [
     "tests/test_fallback.py",
     # several lazy primitives per dtype group (NOTE: [lazy chunks])
     "tests/test_primitive.py",
+    # dtype groups, aliased and held arrays, eager and compiled steps in
+    # turn (the step's buffer cache against MLX's buffers)
+    "tests/test_api.py",
+    # thousands of eager steps through the buffer cache, then its clear()
+    "tests/clients/test_soak.py::test_memory_flat_over_thousands_of_steps[eager]",
 ]
 # What the sanitizers print; with halt_on_error the process also exits.
 REPORTS = ("ERROR: AddressSanitizer", "runtime error:")
