@@ -5,10 +5,13 @@
 // A build configured with MFA_FAULTS=ON (only tests/support/variants.py
 // makes one; it is never installed) defines AF_FAULTS: each AF_FAULT(f) in
 // the passes then asks whether fault f was selected by the environment
-// variable MLX_FUSED_ADAFACTOR_FAULT, and tests/test_faults.py runs the CPU
-// tests once per fault, each of which must fail. In every other build
-// AF_FAULT is the constant `false`, so the faults compile away and the
-// shipped code is the code without them.
+// variable MLX_FUSED_ADAFACTOR_FAULT. tests/test_faults.py runs the CPU
+// tests once per wrong-result fault, each of which must fail; the
+// out-of-bounds faults read memory the step does not own, which only a
+// sanitizer reliably sees, so tests/test_sanitizers_cpu.py shows that the
+// AddressSanitizer run reports them. In every other build AF_FAULT is the
+// constant `false`, so the faults compile away and the shipped code is the
+// code without them.
 
 #pragma once
 
@@ -23,6 +26,8 @@ enum class Fault : int {
   FlatWithoutEps1, // eps1 left out of the 1-D second moment
   NoClipping, // the update is never clipped
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
+  // Out of bounds:
+  PartialsWithoutRows, // a matrix without rows folds and reads partials
   Count,
 };
 

@@ -42,7 +42,8 @@ class CpuStep {
       t.scratch = plan_tensor(i, t.geo, t.tiles, t.fold, items_, scratch_size);
       t.item_end = items_.size();
       // A matrix without rows has no tiles and no T_j partials to fold.
-      t.fold = t.fold && t.item_end > t.item_begin;
+      t.fold = t.fold &&
+          (t.item_end > t.item_begin || AF_FAULT(Fault::PartialsWithoutRows));
     }
     scratch_.resize(scratch_size);
     sums_.assign(items_.size(), ItemSums{});
@@ -240,7 +241,9 @@ class CpuStep {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t cc = b * C + c;
       // A matrix without rows has no partials: its column sums are 0.
-      const float sum = nrb > 0 ? col_sum[c] : 0.0f;
+      const float sum = nrb > 0 || AF_FAULT(Fault::PartialsWithoutRows)
+          ? col_sum[c]
+          : 0.0f;
       const float v = adafactor_ema(x.col[cc], sum * t.geo.inv_rows, s_);
       x.col_out[cc] = v;
       col_fac[cc] = adafactor_col_factor(v);

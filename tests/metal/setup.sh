@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Tools of the Metal kernel tests (tests/metal), on a fresh Debian machine,
-# as root; installs only what is missing, so a second run is quick.
-#   g++ with ThreadSanitizer and AddressSanitizer, addr2line   (apt)
+# Tools of the Metal kernel tests (tests/metal) and of the test builds of
+# the package (tests/support/variants.py: planted faults, the CPU path under
+# sanitizers), on a fresh Debian machine, as root; installs only what is
+# missing, so a second run is quick.
+#   g++ with ThreadSanitizer, AddressSanitizer and
+#   UndefinedBehaviorSanitizer, addr2line                       (apt)
 #   clang for the Metal lint: the `ziglang` wheel ships one     (pip)
-#   cmake, ninja, nanobind for the build-wiring test            (pip)
+#   cmake, ninja, nanobind for the build-wiring test and the
+#   test builds                                                 (pip)
 # Python packages go into $VENV (default .venv), as ./run.sh uses it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +19,9 @@ sanitizers_work() {
   tmp=$(mktemp -d)
   echo 'int main() { return 0; }' > "$tmp/t.cpp"
   g++ -fsanitize=thread "$tmp/t.cpp" -o "$tmp/t" 2>/dev/null &&
-    g++ -fsanitize=address "$tmp/t.cpp" -o "$tmp/t" 2>/dev/null &&
+    g++ -fsanitize=address,undefined "$tmp/t.cpp" -o "$tmp/t" 2>/dev/null &&
+    [[ "$(g++ -print-file-name=libasan.so)" == /* ]] &&
+    [[ "$(g++ -print-file-name=libubsan.so)" == /* ]] &&
     command -v addr2line >/dev/null
   local ok=$?
   rm -rf "$tmp"

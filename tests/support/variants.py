@@ -4,16 +4,20 @@ build/variants/<name>-<digest>/ and laid out as an importable package.
 Never installed, never in a wheel.
 
     site = variants.build("faults")
-    subprocess.run([sys.executable, "-m", "pytest", ...],
-                   env=variants.env("faults", site))
+    run = variants.run_pytest("faults", site, ["tests/test_parity.py"],
+                              MLX_FUSED_ADAFACTOR_FAULT=1)
 
 In the subprocess `import mlx_fused_adafactor` then loads the variant (its
-directory comes first on PYTHONPATH) against the installed MLX. Builds are
-cached by a digest of everything they are made from.
+directory comes first on PYTHONPATH) against the installed MLX; run_pytest
+reports what that process imported. Builds are cached by a digest of
+everything they are made from. fault_table() lists the planted faults of
+csrc/cpu/faults.h (NOTE: [fault switch]).
 """
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +28,12 @@ import mlx.core as mx
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "build" / "variants"
 PACKAGE = ROOT / "python" / "mlx_fused_adafactor"
+
+# NOTE: [fault switch]: the faults that read out of bounds. Whether such a
+# read changes a result or crashes depends on the heap layout, so
+# tests/test_sanitizers_cpu.py shows that AddressSanitizer reports them;
+# tests/test_faults.py shows that the CPU tests catch every other fault.
+OUT_OF_BOUNDS_FAULTS = ("partials_without_rows",)
 
 # name: (CMake definitions, build type)
 VARIANTS = {
@@ -106,8 +116,8 @@ def env(name, site, **extra):
     if "MFA_SANITIZE" in VARIANTS[name][0]:
         # Python itself is not instrumented: the runtimes are preloaded, and
         # the interpreter's own allocations at exit are not leaks of ours.
-        runtimes = [_runtime("libasan.so"), _runtime("libubsan.so")]
-        e["LD_PRELOAD"] = " ".join(r for r in runtimes if r)
+        e["LD_PRELOAD"] = " ".join(
+            [_runtime("libasan.so"), _runtime("libubsan.so")])
         e["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1"
         e["UBSAN_OPTIONS"] = "halt_on_error=1:print_stacktrace=1"
     e.update({k: str(v) for k, v in extra.items()})
@@ -118,4 +128,61 @@ def _runtime(lib):
     cxx = os.environ.get("CXX", "g++")
     out = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True,
                          text=True).stdout.strip()
-    return out if out and os.path.isabs(out) else None
+    if not os.path.isabs(out):
+        raise RuntimeError(f"{cxx} has no {lib}: run tests/metal/setup.sh")
+    return out
+
+
+def fault_table():
+    """{name: id} of the faults the enum in csrc/cpu/faults.h declares, in
+    the spelling of the fault builds' `_ext.faults` (snake case)."""
+    text = (ROOT / "csrc" / "cpu" / "faults.h").read_text()
+    body = re.search(r"enum class Fault\b[^{]*\{(.*?)\};", text, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    names = [n.strip() for n in body.split(",") if n.strip()]
+    assert names[0] == "None = 0" and names[-1] == "Count", names
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower(): i
+            for i, n in enumerate(names[1:-1], start=1)}
+
+
+# Runs pytest in a variant's process after saying what it imported.
+_DRIVER = """
+import json, sys
+import mlx_fused_adafactor
+from mlx_fused_adafactor import _ext
+print("VARIANT " + json.dumps({"file": mlx_fused_adafactor.__file__,
+                               "faults": getattr(_ext, "faults", None)}),
+      flush=True)
+import pytest
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
+class VariantRun:
+    """A pytest process of a variant: `proc` (returncode, stdout, stderr)
+    and `imported` ({"file", "faults"} as that process saw its package)."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        line = re.search(r"^VARIANT (.*)$", proc.stdout, re.M)
+        self.imported = json.loads(line.group(1)) if line else None
+
+    def output(self, chars=6000):
+        return (f"exit code {self.proc.returncode}\n"
+                f"--- stdout\n{self.proc.stdout[-chars:]}\n"
+                f"--- stderr\n{self.proc.stderr[-chars:]}")
+
+
+def run_pytest(name, site, args, timeout=900, **extra):
+    """Run pytest with `args` (paths relative to the checkout) in a process
+    of variant `name` built at `site`; `extra` goes into its environment."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER, "-q", "-p", "no:cacheprovider", *args],
+        cwd=ROOT, env=env(name, site, **extra), capture_output=True, text=True,
+        timeout=timeout)
+    run = VariantRun(proc)
+    assert run.imported is not None, run.output()
+    assert Path(run.imported["file"]).is_relative_to(site), (
+        f"the test process imported {run.imported['file']}, not the "
+        f"{name} variant at {site}")
+    return run
