@@ -32,6 +32,8 @@ const char* fault_name(Fault f) {
       return "no_clipping";
     case Fault::FoldWeightsByCf:
       return "fold_weights_by_cf";
+    case Fault::SequentialRowSum:
+      return "sequential_row_sum";
     default:
       return "none";
   }

@@ -23,6 +23,7 @@ enum class Fault : int {
   FlatWithoutEps1, // eps1 left out of the 1-D second moment
   NoClipping, // the update is never clipped
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
+  SequentialRowSum, // the mean of the row state is one running float sum
   Count,
 };
 

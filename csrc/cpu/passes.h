@@ -28,9 +28,13 @@
 // A float32 running sum over n terms loses about sqrt(n) ulps; a tile of a
 // tall matrix (N, 1) holds 65536 rows, which made its column sums and
 // sum(p^2) as inexact as MLX's own reductions (~2e-5 relative). Sums
-// therefore run in chunks of kSumChunk rows (or elements), and the chunk
-// sums are folded into the tile's sum. The order is still fixed by the
-// shapes alone.
+// therefore run in chunks of kSumChunk rows (or elements, or columns of a
+// row), and the chunk sums are folded into the tile's sum. Sums over whole
+// tensors outside the passes (the mean of the row state, the tiles' partial
+// sums) take chunked_sum: chunks of kSumChunk terms whose sums are added
+// pairwise. Every order is still fixed by the shapes alone, never by the
+// threads. Combines of at most AF_CPU_MAX_ROW_BLOCKS (< kSumChunk) row-block
+// partials are one chunk, and the folded sum(u^2) adds in double.
 //
 // NOTE: [simd clones]
 // The passes are built twice on x86-64, for the baseline (SSE2) and for
@@ -62,6 +66,22 @@ namespace mlx_fused_adafactor::cpu {
 
 // NOTE: [chunked sums]
 constexpr int64_t kSumChunk = 256;
+
+// The sum of get(i) for i in [lo, hi): chunks of kSumChunk terms, the
+// chunk sums added pairwise (NOTE: [chunked sums]).
+template <typename F>
+inline float chunked_sum(int64_t lo, int64_t hi, const F& get) {
+  if (hi - lo <= kSumChunk) {
+    float s = 0.0f;
+    for (int64_t i = lo; i < hi; ++i) {
+      s += get(i);
+    }
+    return s;
+  }
+  const int64_t chunks = (hi - lo + kSumChunk - 1) / kSumChunk;
+  const int64_t mid = lo + chunks / 2 * kSumChunk;
+  return chunked_sum(lo, mid, get) + chunked_sum(mid, hi, get);
+}
 
 // NOTE: [folded update sum]: the smallest row EMA the fold takes.
 constexpr float kFoldMinRow = 1e-32f;
@@ -137,13 +157,21 @@ AF_SIMD_CLONES ItemSums pass1_factored(
       const int64_t col_w = AF_FAULT(Fault::DropLastColumn) ? w - 1 : w;
       float rs = 0.0f;
       float ps = 0.0f;
-#pragma omp simd reduction(+ : rs, ps)
-      for (int64_t c = 0; c < w; ++c) {
-        const float sg = adafactor_sq_grad(load(g, c), h);
-        rs += sg;
-        col_chunk[c] += c < col_w ? sg : 0.0f;
-        const float pv = load(p, c);
-        ps += pv * pv;
+      // Sum the row in chunks of columns (NOTE: [chunked sums]).
+      for (int64_t cc = 0; cc < w; cc += kSumChunk) {
+        const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
+        float rs_chunk = 0.0f;
+        float ps_chunk = 0.0f;
+#pragma omp simd reduction(+ : rs_chunk, ps_chunk)
+        for (int64_t c = cc; c < cc1; ++c) {
+          const float sg = adafactor_sq_grad(load(g, c), h);
+          rs_chunk += sg;
+          col_chunk[c] += c < col_w ? sg : 0.0f;
+          const float pv = load(p, c);
+          ps_chunk += pv * pv;
+        }
+        rs += rs_chunk;
+        ps += ps_chunk;
       }
       row_part[(mat + r) * t.tiles.n_col_blocks + it.col_block] = rs;
       p2_chunk += ps;
@@ -235,10 +263,16 @@ AF_SIMD_CLONES float pass2_factored(
       const float rf = row_fac[mat + r];
       const G* g = x.grad + (mat + r) * geo.cols + tile.c0;
       float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < w; ++c) {
-        const float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
-        acc += u * u;
+      for (int64_t cc = 0; cc < w; cc += kSumChunk) {
+        const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
+        float acc_chunk = 0.0f;
+#pragma omp simd reduction(+ : acc_chunk)
+        for (int64_t c = cc; c < cc1; ++c) {
+          const float u =
+              adafactor_factored_update(rf, col_fac[c], load(g, c));
+          acc_chunk += u * u;
+        }
+        acc += acc_chunk;
       }
       u2_chunk += acc;
     }

@@ -119,21 +119,21 @@ class CpuStep {
     return false;
   }
 
-  // Sum of one field of the tensor's item sums, in item order.
+  // Sum of one field of the tensor's item sums, in item order
+  // (NOTE: [chunked sums]).
   template <typename F>
   float item_sum(const TensorPlan& t, F field) const {
-    float acc = 0.0f;
     if (AF_FAULT(Fault::CombineOrderByThreads) &&
         ThreadPool::instance().num_threads() > 1) {
+      float acc = 0.0f;
       for (size_t k = t.item_end; k-- > t.item_begin;) {
         acc += field(sums_[k]);
       }
       return acc;
     }
-    for (size_t k = t.item_begin; k < t.item_end; ++k) {
-      acc += field(sums_[k]);
-    }
-    return acc;
+    return chunked_sum(t.item_begin, t.item_end, [&](int64_t k) {
+      return field(sums_[k]);
+    });
   }
 
   float clip_scale(float sum_u2, const TensorPlan& t) const {
@@ -183,16 +183,22 @@ class CpuStep {
     const int64_t ncb = t.tiles.n_col_blocks;
     const float* row_part = scratch_.data() + t.scratch.row_part;
     float* row_fac = scratch_.data() + t.scratch.row_fac;
-    float row_total = 0.0f;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t rr = b * R + r;
-      float s = 0.0f;
-      for (int64_t j = 0; j < ncb; ++j) {
-        s += row_part[rr * ncb + j];
+      const float* part = row_part + rr * ncb;
+      const float s =
+          chunked_sum(0, ncb, [part](int64_t j) { return part[j]; });
+      x.row_out[rr] = new_row(x, t, rr, s, s_);
+    }
+    // Sum the new rows in chunks (NOTE: [chunked sums]).
+    const float* rows = x.row_out + b * R;
+    float row_total = 0.0f;
+    if (AF_FAULT(Fault::SequentialRowSum)) {
+      for (int64_t r = 0; r < R; ++r) {
+        row_total += rows[r];
       }
-      const float v = new_row(x, t, rr, s, s_);
-      x.row_out[rr] = v;
-      row_total += v;
+    } else {
+      row_total = chunked_sum(0, R, [rows](int64_t r) { return rows[r]; });
     }
     const float inv = AF_FAULT(Fault::RowMeanOverColumns) ? t.geo.inv_cols
                                                           : t.geo.inv_rows;
