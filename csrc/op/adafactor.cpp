@@ -33,8 +33,10 @@ std::string shape_str(const mx::Shape& shape) {
   throw std::invalid_argument("[adafactor] parameter '" + path + "': " + what);
 }
 
+// The dtypes the step takes (float64 only through the reference).
 bool is_float_storage(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16 ||
+      t == mx::float64;
 }
 
 // The step's flat inputs (NOTE: [slot layout]) and the shape and dtype of
@@ -67,10 +69,10 @@ StepInputs assemble(
     const auto& st = states[i];
     const auto& path = names[i];
     if (!is_float_storage(p.dtype())) {
-      fail(path, "parameters must be float32, float16 or bfloat16.");
+      fail(path, "parameters must be float32, float16, bfloat16 or float64.");
     }
     if (!is_float_storage(g.dtype())) {
-      fail(path, "gradients must be float32, float16 or bfloat16.");
+      fail(path, "gradients must be float32, float16, bfloat16 or float64.");
     }
     if (p.dtype() != params[0].dtype() || g.dtype() != grads[0].dtype()) {
       fail(path, "all tensors of one fused step must share their dtypes.");
@@ -187,7 +189,10 @@ std::vector<mx::array> adafactor_step(
     return {};
   }
 
-  // NOTE: [backend]
+  // NOTE: [backend]; NOTE: [float64]
+  if (params[0].dtype() == mx::float64 || grads[0].dtype() == mx::float64) {
+    return reference_step(hyper, in.inputs, stream);
+  }
   const Route r = route(stream);
   if (r.reference) {
     if (!r.reason.empty()) {
