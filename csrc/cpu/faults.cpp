@@ -34,6 +34,8 @@ const char* fault_name(Fault f) {
       return "fold_weights_by_cf";
     case Fault::SequentialRowSum:
       return "sequential_row_sum";
+    case Fault::StepHoldsGil:
+      return "step_holds_gil";
     default:
       return "none";
   }

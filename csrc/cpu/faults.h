@@ -24,6 +24,7 @@ enum class Fault : int {
   NoClipping, // the update is never clipped
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
   SequentialRowSum, // the mean of the row state is one running float sum
+  StepHoldsGil, // apply_leaves keeps the GIL while the step evaluates
   Count,
 };
 
