@@ -32,9 +32,10 @@ constexpr size_t kMaxLazyOutputs = 48;
 // NOTE: [float64]
 // MLX computes in float64 on the CPU only, and stock trains float64
 // parameters there. The fused kernels take float32, float16 and bfloat16;
-// a dtype group with float64 parameters or gradients therefore always runs
-// the reference (NOTE: [reference]), which computes in float64 for float64
-// parameters and keeps their second moment in float64 (entry_dtype). The
+// a dtype group with float64 parameters or gradients therefore runs the
+// reference (NOTE: [reference]) whatever the backend (NOTE: [backend]); it
+// computes in float64 for float64 parameters and keeps their second moment
+// in float64 (entry_dtype). The
 // step count, the learning rate and the hyper-parameters enter it as the
 // float32 values the kernels see; stock's beta_2 and relative step are
 // float32 values too.

@@ -30,7 +30,8 @@ class Adafactor(Optimizer):
     constructor, the same state tree, and the same results in float32. Each
     step runs as one fused operation per dtype group; all arithmetic is
     float32 whatever the parameter dtype, and the second-moment state is kept
-    in float32 (see the README's numerics contract).
+    in float32 (see the README's numerics contract). float64 parameters are
+    the exception: their step is computed, and their state kept, in float64.
 
     Args:
         learning_rate (float or callable, optional): The learning rate, used
@@ -291,15 +292,15 @@ def _collect(grads, params, state, keys, name, out):
         out.append(_Leaf(keys, name, grads, params, _MISSING if fresh else state))
         return
     if isinstance(grads, dict):
-        is_kind = lambda x: isinstance(x, dict)  # noqa: E731
+        kind = dict
     elif isinstance(grads, (list, tuple)):
-        is_kind = lambda x: isinstance(x, (list, tuple))  # noqa: E731
+        kind = (list, tuple)
     else:
         raise TypeError(
             f"[adafactor] gradient '{where}' is a {type(grads).__name__}, "
             "expected an mlx.core.array."
         )
-    if state is not _MISSING and not is_kind(state):
+    if state is not _MISSING and not isinstance(state, kind):
         raise ValueError(
             f"[adafactor] parameter '{where}': the optimizer state holds "
             f"{_kind(state)} where the gradients have {_kind(grads)}."
@@ -308,8 +309,9 @@ def _collect(grads, params, state, keys, name, out):
         # Module.trainable_parameters() maps non-array attributes to empty
         # containers; there is nothing to update under them (as in stock).
         return
-    short = isinstance(grads, (list, tuple)) and len(params) < len(grads)
-    if not is_kind(params) or short:
+    if not isinstance(params, kind) or (
+        kind is not dict and len(params) < len(grads)
+    ):
         raise ValueError(
             f"[adafactor] parameter '{where}': the gradients have "
             f"{_kind(grads)} where the parameters have {_kind(params)}."
