@@ -9,9 +9,9 @@ training steps than during stock's.
 The machine is shared, so pauses also come from the scheduler: each
 optimizer runs ROUNDS rounds, alternating, and keeps its shortest longest
 pause; the bound is generous. Holding the GIL shows as a pause of a whole
-forward and backward pass (about 5 GFLOP; the planted fault step_holds_gil
-gives pauses of seconds on a loaded machine, against stock's 0.1 s) in
-every step of every round.
+forward and backward pass, sized to MIN_STEP_SECONDS or more, in every step
+of every round (the planted fault step_holds_gil: 221 ms against stock's
+8 ms, bound 58 ms).
 """
 
 import threading
@@ -23,12 +23,12 @@ import mlx.nn as nn
 from afhelpers import StockAdafactor
 from mlx_fused_adafactor import Adafactor
 
-WIDTH, LAYERS = 1024, 3
+WIDTH, LAYERS = 512, 2
 STEPS, ROUNDS = 3, 2
 # The batch is sized so that one step takes at least this long (a held GIL
 # must stand out from the scheduler's pauses), within these bounds.
 MIN_STEP_SECONDS = 0.3
-BATCHES = (128, 4096)
+BATCHES = (32, 8192)
 
 
 class MLP(nn.Module):
@@ -81,9 +81,9 @@ def longest_pause(make_optimizer, batch, steps=STEPS):
     return pause, min(times)
 
 
-def test_other_threads_run_during_eager_steps():
-    _, t = longest_pause(StockAdafactor, BATCHES[0], steps=2)
-    batch = int(min(BATCHES[1], max(BATCHES[0], BATCHES[0] * MIN_STEP_SECONDS / t)))
+def measure(batch):
+    """The best longest pause of each optimizer over ROUNDS alternating
+    rounds, and the fused step's shortest time."""
     best = {"stock": float("inf"), "fused": float("inf")}
     step_time = float("inf")
     for _ in range(ROUNDS):
@@ -92,10 +92,22 @@ def test_other_threads_run_during_eager_steps():
             best[name] = min(best[name], pause)
             if name == "fused":
                 step_time = min(step_time, t)
-    bound = max(4 * best["stock"], best["stock"] + 0.05)
-    # The test can fail: a step holding the GIL would pause the ticker for
-    # most of a step, well beyond the bound.
-    assert step_time > 2 * bound, (
+    return best, step_time
+
+
+def test_other_threads_run_during_eager_steps():
+    _, t = longest_pause(StockAdafactor, BATCHES[0], steps=2)
+    batch = int(min(BATCHES[1], max(BATCHES[0], BATCHES[0] * MIN_STEP_SECONDS / t)))
+    for _ in range(3):
+        best, step_time = measure(batch)
+        bound = max(4 * best["stock"], best["stock"] + 0.05)
+        # The test can fail only if a step holding the GIL (a pause of most
+        # of a step) would exceed the bound; on a busy machine the bound
+        # grows with stock's pauses, and so must the step.
+        if step_time > 1.5 * bound or batch == BATCHES[1]:
+            break
+        batch = int(min(BATCHES[1], batch * 2 * bound / step_time))
+    assert step_time > 1.5 * bound, (
         f"one step ({step_time * 1e3:.0f} ms at batch {batch}) is too short "
         f"against the bound ({bound * 1e3:.0f} ms) to show a held GIL"
     )
