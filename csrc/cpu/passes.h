@@ -29,12 +29,14 @@
 // tall matrix (N, 1) holds 65536 rows, which made its column sums and
 // sum(p^2) as inexact as MLX's own reductions (~2e-5 relative). Sums
 // therefore run in chunks of kSumChunk rows (or elements, or columns of a
-// row), and the chunk sums are folded into the tile's sum. Sums over whole
-// tensors outside the passes (the mean of the row state, the tiles' partial
-// sums) take chunked_sum: chunks of kSumChunk terms whose sums are added
-// pairwise. Every order is still fixed by the shapes alone, never by the
-// threads. Combines of at most AF_CPU_MAX_ROW_BLOCKS (< kSumChunk) row-block
-// partials are one chunk, and the folded sum(u^2) adds in double.
+// row wider than a chunk), and the chunk sums are folded into the tile's
+// sum. Sums between the passes take chunked_sum (chunks of kSumChunk terms,
+// their sums added pairwise): the tiles' partial sums, a row's column-block
+// partials, and the mean of the row state, whose chunk sums of kSumChunk
+// rows are formed as the rows are. Every order is fixed by the shapes
+// alone, never by the threads. Combines of at most AF_CPU_MAX_ROW_BLOCKS
+// (< kSumChunk) row-block partials are one chunk, and the folded sum(u^2)
+// adds in double.
 //
 // NOTE: [simd clones]
 // The passes are built twice on x86-64, for the baseline (SSE2) and for
