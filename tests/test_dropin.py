@@ -278,7 +278,7 @@ def test_bad_learning_rate_raises_at_construction_and_assignment(value, exc, why
         snap = snapshot(params, opt)
         good = opt.state["learning_rate"]
         opt.state["learning_rate"] = value
-        with pytest.raises(exc, match="learning_rate"):
+        with pytest.raises(exc, match=r"^\[adafactor\] learning_rate"):
             opt.apply_gradients(grads, params)
         assert opt.state["learning_rate"] is value
         opt.state["learning_rate"] = good

@@ -336,8 +336,8 @@ void bind_step(nb::module_& m) {
   m.def(
       "apply_leaves",
       &apply_leaves,
-      "step"_a,
-      "learning_rate"_a,
+      "step"_a.none(),
+      "learning_rate"_a.none(),
       "params"_a,
       "grads"_a,
       "states"_a,
