@@ -86,7 +86,8 @@ def step64(t, lr, p, g, state, **options):
         update = lr_t * update
         if o["beta_1"] is not None:
             b1 = o["beta_1"]
-            m = b1 * state["exp_avg"] + (1 - b1) * update
+            # one_minus_beta_1: 1 - beta_1 as a caller rounded it.
+            m = b1 * state["exp_avg"] + o.get("one_minus_beta_1", 1 - b1) * update
             new["exp_avg"] = m
             update = m
         if o["weight_decay"] != 0:

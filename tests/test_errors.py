@@ -368,6 +368,116 @@ def test_loaded_state_of_other_layout():
     expect_error(opt, grads_like(params), params, ValueError, "layers.0.weight")
 
 
+# A malformed state in any container: (path to the corrupted place, the
+# value put there, the path the message must name). The parameters are
+# model_params(): a dict holding a list of dicts, a dict and a scalar.
+MALFORMED_STATES = [
+    (("layers",), "junk", "layers"),
+    (("layers",), {"0": {}, "1": {}}, "layers"),
+    (("layers",), ({"weight": {}}, [{}]), "layers.1"),
+    (("layers", 0), 3, "layers.0"),
+    (("layers", 0), [{}, {}], "layers.0"),
+    (("layers", 0), None, "layers.0"),
+    (("layers", 1, "bias"), 3, "layers.1.bias"),
+    (("layers", 1, "bias"), [mx.zeros((4,))], "layers.1.bias"),
+    (("layers", 1, "bias"), (mx.zeros((4,)),), "layers.1.bias"),
+    (("layers", 1, "bias"), mx.zeros((4,)), "layers.1.bias"),
+    (("layers", 1, "bias"), None, "layers.1.bias"),
+    (("layers", 1, "bias"), [], "layers.1.bias"),
+    (("layers", 0, "weight", "exp_avg_sq_row"), None, "layers.0.weight"),
+    (("layers", 0, "weight", "exp_avg_sq_row"), {"x": mx.zeros((5,))}, "layers.0.weight"),
+    (("layers", 0, "weight", "exp_avg_sq_row"), "x", "layers.0.weight"),
+    (("embed",), [mx.zeros((7,))], "embed"),
+    (("embed",), None, "embed"),
+    (("embed", "weight"), (1,), "embed.weight"),
+    (("scale",), 3, "scale"),
+    (("scale",), {"exp_avg_sq": [mx.zeros(())]}, "scale"),
+    (("step",), 3, "step"),
+    (("step",), "3", "step"),
+    (("step",), None, "step"),
+    (("step",), np.uint64(3), "step"),
+    (("step",), mx.array([1, 2], mx.uint64), "step"),
+    (("step",), mx.array(1 + 2j), "step"),
+]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+@pytest.mark.parametrize("via_setter", [False, True], ids=["in_place", "setter"])
+@pytest.mark.parametrize("path,bad,named", MALFORMED_STATES,
+                         ids=[f"{'.'.join(map(str, p))}={b!r}"[:60]
+                              for p, b, _ in MALFORMED_STATES])
+def test_malformed_state_in_any_container(path, bad, named, via_setter):
+    """A ValueError or TypeError naming the path, and nothing changed: the
+    corrupted value stays where it was put, and everything else (params,
+    every state entry, the step) is as it was."""
+    opt, params = stepped_state()
+    snap = snapshot(params, opt)
+    parent = _get(opt.state, path[:-1])
+    good = parent[path[-1]]
+    parent[path[-1]] = bad
+    if via_setter:
+        # A state assigned through the setter: the next step also builds the
+        # state of new parameters (Optimizer.init).
+        opt.state = opt.state
+    with pytest.raises((ValueError, TypeError)) as info:
+        mx.eval(opt.apply_gradients(grads_like(params), params))
+    message = str(info.value)
+    assert message.startswith("[adafactor]"), message
+    assert f"'{named}'" in message, message
+    assert _get(opt.state, path) is bad
+    parent[path[-1]] = good
+    assert_unchanged(snap, params, opt)
+
+
+@pytest.mark.parametrize("bad", [[], (), "state", None, 3], ids=repr)
+def test_state_that_is_not_a_dict(bad):
+    opt, params = stepped_state()
+    snap = snapshot(params, opt)
+    good = opt.state
+    opt.state = bad
+    with pytest.raises((ValueError, TypeError), match=r"^\[adafactor\] the optimizer state is a"):
+        opt.apply_gradients(grads_like(params), params)
+    assert opt.state is bad
+    opt.state = good
+    assert_unchanged(snap, params, opt)
+
+
+def test_state_without_step():
+    opt, params = stepped_state()
+    snap = snapshot(params, opt)
+    step = opt.state.pop("step")
+    with pytest.raises(ValueError, match=r"^\[adafactor\] the optimizer state has no 'step'"):
+        opt.apply_gradients(grads_like(params), params)
+    opt.state["step"] = step
+    assert_unchanged(snap, params, opt)
+
+
+def test_well_formed_state_containers_still_work():
+    # What stock's Optimizer.init makes or accepts: tuples for lists, a
+    # shorter list (new parameters appended), empty dicts for parameters
+    # without state yet, a float step. Each gives stock's next step.
+    cases = {
+        "tuple": lambda s: s.__setitem__("layers", tuple(s["layers"])),
+        "short_list": lambda s: s.__setitem__("layers", s["layers"][:1]),
+        "empty_leaf": lambda s: s["layers"][1].__setitem__("bias", {}),
+        "float_step": lambda s: s.__setitem__("step", s["step"].astype(mx.float32)),
+    }
+    for name, edit in cases.items():
+        opt, params = stepped_state()
+        stock = StockAdafactor()
+        stock.state = tree_unflatten(tree_flatten(opt.state))
+        edit(opt.state)
+        edit(stock.state)
+        got = opt.apply_gradients(grads_like(params, 30), params)
+        want = stock.apply_gradients(grads_like(params, 30), params)
+        assert_trees_close(got, want, 1e-5, name)
+
+
 def test_state_without_learning_rate_with_relative_step_false():
     opt = Adafactor(learning_rate=1e-2, relative_step=False)
     params = model_params()

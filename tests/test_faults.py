@@ -23,6 +23,11 @@ SUBSET = [
     "tests/test_fallback.py",
     "tests/test_determinism.py::test_thread_count_does_not_change_results",
 ]
+# Faults of the step around the kernels, each with the test that guards it.
+TARGETED = {
+    # apply_leaves keeps the GIL while the step evaluates its inputs.
+    "step_holds_gil": ["tests/test_gil.py"],
+}
 FAULTS = {name: fault for name, fault in variants.fault_table().items()
           if name not in variants.OUT_OF_BOUNDS_FAULTS}
 
@@ -35,7 +40,10 @@ def runs():
     jobs = {"unbroken": 0, **FAULTS}
 
     def run(name):
-        args = SUBSET if jobs[name] == 0 else ["-x", *SUBSET]
+        if jobs[name] == 0:
+            args = SUBSET + [t for tests in TARGETED.values() for t in tests]
+        else:
+            args = ["-x", *TARGETED.get(name, SUBSET)]
         return variants.run_pytest("faults", site, args,
                                    MLX_FUSED_ADAFACTOR_FAULT=jobs[name])
 

@@ -32,6 +32,10 @@ const char* fault_name(Fault f) {
       return "no_clipping";
     case Fault::FoldWeightsByCf:
       return "fold_weights_by_cf";
+    case Fault::SequentialRowSum:
+      return "sequential_row_sum";
+    case Fault::StepHoldsGil:
+      return "step_holds_gil";
     case Fault::PartialsWithoutRows:
       return "partials_without_rows";
     default:

@@ -26,6 +26,8 @@ enum class Fault : int {
   FlatWithoutEps1, // eps1 left out of the 1-D second moment
   NoClipping, // the update is never clipped
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
+  SequentialRowSum, // the mean of the row state is one running float sum
+  StepHoldsGil, // apply_leaves keeps the GIL while the step evaluates
   // Out of bounds:
   PartialsWithoutRows, // a matrix without rows folds and reads partials
   Count,

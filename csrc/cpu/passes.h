@@ -28,9 +28,15 @@
 // A float32 running sum over n terms loses about sqrt(n) ulps; a tile of a
 // tall matrix (N, 1) holds 65536 rows, which made its column sums and
 // sum(p^2) as inexact as MLX's own reductions (~2e-5 relative). Sums
-// therefore run in chunks of kSumChunk rows (or elements), and the chunk
-// sums are folded into the tile's sum. The order is still fixed by the
-// shapes alone.
+// therefore run in chunks of kSumChunk rows (or elements, or columns of a
+// row wider than a chunk), and the chunk sums are folded into the tile's
+// sum. Sums between the passes take chunked_sum (chunks of kSumChunk terms,
+// their sums added pairwise): the tiles' partial sums, a row's column-block
+// partials, and the mean of the row state, whose chunk sums of kSumChunk
+// rows are formed as the rows are. Every order is fixed by the shapes
+// alone, never by the threads. Combines of at most AF_CPU_MAX_ROW_BLOCKS
+// (< kSumChunk) row-block partials are one chunk, and the folded sum(u^2)
+// adds in double.
 //
 // NOTE: [simd clones]
 // The passes are built twice on x86-64, for the baseline (SSE2) and for
@@ -61,8 +67,43 @@ namespace mlx_fused_adafactor::cpu {
 #define AF_SIMD_CLONES
 #endif
 
+#if defined(__GNUC__)
+#define AF_INLINE inline __attribute__((always_inline))
+#else
+#define AF_INLINE inline
+#endif
+
 // NOTE: [chunked sums]
 constexpr int64_t kSumChunk = 256;
+
+// The sum of one chunk, get(i) for i in [lo, hi), in order.
+template <typename F>
+inline float sum_chunk(int64_t lo, int64_t hi, const F& get) {
+  float s = 0.0f;
+  for (int64_t i = lo; i < hi; ++i) {
+    s += get(i);
+  }
+  return s;
+}
+
+// Chunks of kSumChunk terms from lo, their sums added pairwise.
+template <typename F>
+float sum_chunks_pairwise(int64_t lo, int64_t hi, const F& get) {
+  if (hi - lo <= kSumChunk) {
+    return sum_chunk(lo, hi, get);
+  }
+  const int64_t chunks = (hi - lo + kSumChunk - 1) / kSumChunk;
+  const int64_t mid = lo + chunks / 2 * kSumChunk;
+  return sum_chunks_pairwise(lo, mid, get) + sum_chunks_pairwise(mid, hi, get);
+}
+
+// The sum of get(i) for i in [lo, hi) (NOTE: [chunked sums]); one chunk is
+// summed inline.
+template <typename F>
+inline float chunked_sum(int64_t lo, int64_t hi, const F& get) {
+  return hi - lo <= kSumChunk ? sum_chunk(lo, hi, get)
+                              : sum_chunks_pairwise(lo, hi, get);
+}
 
 // NOTE: [folded update sum]: the smallest row EMA the fold takes.
 constexpr float kFoldMinRow = 1e-32f;
@@ -94,6 +135,37 @@ inline float new_row(
     float row_sum,
     const AdafactorStepScalars& s) {
   return adafactor_ema(x.row[rr], row_sum * t.geo.inv_cols, s);
+}
+
+// Columns [c0, c1) of the row at `base` into pass 1's sums: rs += the
+// row's g^2 + eps1, col_chunk[c] += the column's (the first col_w columns),
+// ps += p^2. Always inlined, so it takes the caller's clone
+// (NOTE: [simd clones]).
+template <typename P, typename G>
+AF_INLINE void sum_row(
+    const TensorData<P, G>& x,
+    const AdafactorHyper& h,
+    int64_t base,
+    int64_t c0,
+    int64_t c1,
+    int64_t col_w,
+    float* col_chunk,
+    float& rs,
+    float& ps) {
+  const P* p = x.param + base;
+  const G* g = x.grad + base;
+  float r = rs;
+  float q = ps;
+#pragma omp simd reduction(+ : r, q)
+  for (int64_t c = c0; c < c1; ++c) {
+    const float sg = adafactor_sq_grad(load(g, c), h);
+    r += sg;
+    col_chunk[c] += c < col_w ? sg : 0.0f;
+    const float pv = load(p, c);
+    q += pv * pv;
+  }
+  rs = r;
+  ps = q;
 }
 
 // Pass 1 of a factored tile: row sums, column partials, sum(p^2) and, when
@@ -133,18 +205,22 @@ AF_SIMD_CLONES ItemSums pass1_factored(
     float p2_chunk = 0.0f;
     for (int64_t r = rc; r < rc1; ++r) {
       const int64_t base = (mat + r) * geo.cols + tile.c0;
-      const P* p = x.param + base;
       const G* g = x.grad + base;
       const int64_t col_w = AF_FAULT(Fault::DropLastColumn) ? w - 1 : w;
+      // Sum the row in chunks of columns (NOTE: [chunked sums]).
       float rs = 0.0f;
       float ps = 0.0f;
-#pragma omp simd reduction(+ : rs, ps)
-      for (int64_t c = 0; c < w; ++c) {
-        const float sg = adafactor_sq_grad(load(g, c), h);
-        rs += sg;
-        col_chunk[c] += c < col_w ? sg : 0.0f;
-        const float pv = load(p, c);
-        ps += pv * pv;
+      if (w <= kSumChunk) {
+        sum_row(x, h, base, 0, w, col_w, col_chunk, rs, ps);
+      } else {
+        for (int64_t cc = 0; cc < w; cc += kSumChunk) {
+          const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
+          float rs_chunk = 0.0f;
+          float ps_chunk = 0.0f;
+          sum_row(x, h, base, cc, cc1, col_w, col_chunk, rs_chunk, ps_chunk);
+          rs += rs_chunk;
+          ps += ps_chunk;
+        }
       }
       row_part[(mat + r) * t.tiles.n_col_blocks + it.col_block] = rs;
       p2_chunk += ps;
@@ -236,10 +312,16 @@ AF_SIMD_CLONES float pass2_factored(
       const float rf = row_fac[mat + r];
       const G* g = x.grad + (mat + r) * geo.cols + tile.c0;
       float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < w; ++c) {
-        const float u = adafactor_factored_update(rf, col_fac[c], load(g, c));
-        acc += u * u;
+      for (int64_t cc = 0; cc < w; cc += kSumChunk) {
+        const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
+        float acc_chunk = 0.0f;
+#pragma omp simd reduction(+ : acc_chunk)
+        for (int64_t c = cc; c < cc1; ++c) {
+          const float u =
+              adafactor_factored_update(rf, col_fac[c], load(g, c));
+          acc_chunk += u * u;
+        }
+        acc += acc_chunk;
       }
       u2_chunk += acc;
     }

@@ -137,21 +137,21 @@ class CpuStep {
     return false;
   }
 
-  // Sum of one field of the tensor's item sums, in item order.
+  // Sum of one field of the tensor's item sums, in item order
+  // (NOTE: [chunked sums]).
   template <typename F>
   float item_sum(const TensorPlan& t, F field) const {
-    float acc = 0.0f;
     if (AF_FAULT(Fault::CombineOrderByThreads) &&
         ThreadPool::instance().num_threads() > 1) {
+      float acc = 0.0f;
       for (size_t k = t.item_end; k-- > t.item_begin;) {
         acc += field(sums_[k]);
       }
       return acc;
     }
-    for (size_t k = t.item_begin; k < t.item_end; ++k) {
-      acc += field(sums_[k]);
-    }
-    return acc;
+    return chunked_sum(t.item_begin, t.item_end, [&](int64_t k) {
+      return field(sums_[k]);
+    });
   }
 
   float clip_scale(float sum_u2, const TensorPlan& t) const {
@@ -201,17 +201,32 @@ class CpuStep {
     const int64_t ncb = t.tiles.n_col_blocks;
     const float* row_part = scratch_.data() + t.scratch.row_part;
     float* row_fac = scratch_.data() + t.scratch.row_fac;
-    float row_total = 0.0f;
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t rr = b * R + r;
-      float s = 0.0f;
-      for (int64_t j = 0; j < ncb; ++j) {
-        s += row_part[rr * ncb + j];
+    // Sum the new rows in chunks of kSumChunk rows, then the chunk sums
+    // (NOTE: [chunked sums]). The chunk sums wait in the row factors'
+    // scratch, which is written only once the mean is known.
+    const int64_t n_chunks = (R + kSumChunk - 1) / kSumChunk;
+    float* chunk_sums = row_fac + b * R;
+    float running = 0.0f; // one running sum, for the planted fault only
+    for (int64_t rc = 0; rc < R; rc += kSumChunk) {
+      const int64_t rc1 = std::min<int64_t>(R, rc + kSumChunk);
+      float chunk = 0.0f;
+      for (int64_t r = rc; r < rc1; ++r) {
+        const int64_t rr = b * R + r;
+        const float* part = row_part + rr * ncb;
+        const float s =
+            chunked_sum(0, ncb, [part](int64_t j) { return part[j]; });
+        const float v = new_row(x, t, rr, s, s_);
+        x.row_out[rr] = v;
+        chunk += v;
+        running += v;
       }
-      const float v = new_row(x, t, rr, s, s_);
-      x.row_out[rr] = v;
-      row_total += v;
+      chunk_sums[rc / kSumChunk] = chunk;
     }
+    const float row_total = AF_FAULT(Fault::SequentialRowSum)
+        ? running
+        : chunked_sum(0, n_chunks, [chunk_sums](int64_t k) {
+            return chunk_sums[k];
+          });
     const float inv = AF_FAULT(Fault::RowMeanOverColumns) ? t.geo.inv_cols
                                                           : t.geo.inv_rows;
     const float row_mean = row_total * inv;

@@ -34,8 +34,10 @@ std::string shape_str(const mx::Shape& shape) {
   throw std::invalid_argument("[adafactor] parameter '" + path + "': " + what);
 }
 
+// The dtypes the step takes (float64 only through the reference).
 bool is_float_storage(mx::Dtype t) {
-  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16;
+  return t == mx::float32 || t == mx::float16 || t == mx::bfloat16 ||
+      t == mx::float64;
 }
 
 // The step's flat inputs (NOTE: [slot layout]) and the shape and dtype of
@@ -69,10 +71,10 @@ StepInputs assemble(
     const auto& st = states[i];
     const auto& path = names[i];
     if (!is_float_storage(p.dtype())) {
-      fail(path, "parameters must be float32, float16 or bfloat16.");
+      fail(path, "parameters must be float32, float16, bfloat16 or float64.");
     }
     if (!is_float_storage(g.dtype())) {
-      fail(path, "gradients must be float32, float16 or bfloat16.");
+      fail(path, "gradients must be float32, float16, bfloat16 or float64.");
     }
     if (!sharded &&
         (p.dtype() != params[0].dtype() || g.dtype() != grads[0].dtype())) {
@@ -217,7 +219,10 @@ std::vector<mx::array> adafactor_step(
     return reference_step(hyper, keys, in.inputs, stream, shard_group);
   }
 
-  // NOTE: [backend]
+  // NOTE: [backend]; NOTE: [float64]
+  if (params[0].dtype() == mx::float64 || grads[0].dtype() == mx::float64) {
+    return reference_step(hyper, keys, in.inputs, stream);
+  }
   const Route r = route(stream);
   if (r.reference) {
     if (!r.reason.empty()) {

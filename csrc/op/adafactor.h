@@ -5,7 +5,8 @@
 // parameter, its gradient and its state (NOTE: [slot layout]), and returns
 // the new parameter and state. Where it runs (NOTE: [backend]):
 //   - the pure-MLX implementation (NOTE: [reference]) on streams without
-//     fused kernels, or when the reference backend is chosen;
+//     fused kernels, when the reference backend is chosen, or for float64
+//     (NOTE: [float64]);
 //   - at once, on the CPU outside transformations (NOTE: [eager step]);
 //   - otherwise as AdafactorStep primitives of at most kMaxLazyOutputs
 //     outputs each (NOTE: [lazy chunks]), whose derivatives come from the
@@ -29,6 +30,17 @@ namespace mx = mlx::core;
 
 // Outputs of one lazy primitive at most (NOTE: [lazy chunks]).
 constexpr size_t kMaxLazyOutputs = 48;
+
+// NOTE: [float64]
+// MLX computes in float64 on the CPU only, and stock trains float64
+// parameters there. The fused kernels take float32, float16 and bfloat16;
+// a dtype group with float64 parameters or gradients therefore runs the
+// reference (NOTE: [reference]) whatever the backend (NOTE: [backend]); it
+// computes in float64 for float64 parameters and keeps their second moment
+// in float64 (entry_dtype). The
+// step count, the learning rate and the hyper-parameters enter it as the
+// float32 values the kernels see; stock's beta_2 and relative step are
+// float32 values too.
 
 // Build the fused step. `states[i]` holds tensor i's state entries in the
 // order of state_entries() (NOTE: [slot layout]); `names[i]` is the

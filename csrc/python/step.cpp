@@ -16,9 +16,11 @@
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "mlx/ops.h"
 
+#include "cpu/faults.h"
 #include "op/adafactor.h"
 #include "op/reference.h"
 #include "python/bindings.h"
@@ -101,6 +103,92 @@ std::vector<mx::array> input_state(
   return arrays;
 }
 
+// The value of a Python or NumPy real number (a NumPy array must be 0-D),
+// or nothing when `v` is not one.
+std::optional<double> number_value(const std::string& what, nb::handle v) {
+  if (PyBool_Check(v.ptr()) || PyComplex_Check(v.ptr()) ||
+      !PyNumber_Check(v.ptr())) {
+    return std::nullopt;
+  }
+  nb::object ndim = nb::getattr(v, "ndim", nb::none());
+  if (!ndim.is_none() && nb::cast<int>(ndim) != 0) {
+    throw nb::value_error(
+        ("[adafactor] " + what + " must be a scalar, got an array of " +
+         std::to_string(nb::cast<int>(ndim)) + " dimensions.")
+            .c_str());
+  }
+  nb::object f = nb::steal(PyNumber_Float(v.ptr()));
+  if (!f.is_valid()) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return nb::cast<double>(f);
+}
+
+// A real scalar of the optimizer: a 0-D mlx array of an integer or float
+// dtype, or (`numbers`) a Python or NumPy number, converted as mx.array()
+// converts it. `what` names it in the message.
+mx::array real_scalar(const std::string& what, nb::handle v, bool numbers) {
+  mx::array a(0.0f);
+  if (nb::try_cast<mx::array>(v, a)) {
+    if (a.ndim() != 0) {
+      throw nb::value_error(
+          ("[adafactor] " + what + " must be a scalar, got an array of " +
+           std::to_string(a.ndim()) + " dimensions.")
+              .c_str());
+    }
+    if (a.dtype() == mx::bool_ || !(mx::issubdtype(a.dtype(), mx::integer) ||
+                                    mx::issubdtype(a.dtype(), mx::floating))) {
+      throw nb::type_error(
+          ("[adafactor] " + what + " must be a real number, got dtype " +
+           dtype_str(a.dtype()) + ".")
+              .c_str());
+    }
+    return a;
+  }
+  if (numbers) {
+    if (auto d = number_value(what, v)) {
+      return mx::array(static_cast<float>(*d));
+    }
+  }
+  const std::string expected = numbers
+      ? ", expected a number or a scalar mlx array."
+      : ", expected a scalar mlx array.";
+  throw nb::type_error(
+      ("[adafactor] " + what + " is a " + nb::type_name(v.type()).c_str() +
+       expected)
+          .c_str());
+}
+
+// A fixed learning rate (constructor, `learning_rate` setter): a real
+// scalar, and finite in float32 when it is a number (schema/hyper.h). An
+// mlx array is not evaluated: it may be lazy or traced.
+void check_learning_rate_value(nb::handle v) {
+  if (!nb::isinstance<mx::array>(v)) {
+    if (auto d = number_value("learning_rate", v)) {
+      check_learning_rate(*d);
+      return;
+    }
+  }
+  real_scalar("learning_rate", v, true);
+}
+
+// The step count of an optimizer state dict, checked.
+mx::array step_count(nb::handle state) {
+  if (!PyDict_Check(state.ptr())) {
+    throw nb::type_error(
+        (std::string("[adafactor] the optimizer state is a ") +
+         nb::type_name(state.type()).c_str() + ", not a dict.")
+            .c_str());
+  }
+  PyObject* v = PyDict_GetItemString(state.ptr(), "step");
+  if (v == nullptr) {
+    throw nb::value_error(
+        "[adafactor] the optimizer state has no 'step' (the step count).");
+  }
+  return real_scalar("optimizer state 'step'", v, false);
+}
+
 // A dict of the entries of `t` from `outputs`.
 nb::dict state_dict(
     const TensorSlots& t,
@@ -114,8 +202,8 @@ nb::dict state_dict(
 }
 
 nb::tuple apply_leaves(
-    const mx::array& step,
-    const mx::array& learning_rate,
+    nb::handle step_value,
+    nb::handle learning_rate_value,
     nb::list params,
     nb::list grads,
     nb::list states,
@@ -123,6 +211,9 @@ nb::tuple apply_leaves(
     const AdafactorHyper& h,
     std::optional<nb::list> shard_groups) {
   const EntryKeys keys;
+  const mx::array step = real_scalar("step", step_value, false);
+  const mx::array learning_rate =
+      real_scalar("learning_rate", learning_rate_value, true);
   const size_t n = nb::len(params);
   std::vector<mx::array> p(n, mx::array(0.0f)), g(n, mx::array(0.0f));
   std::vector<std::string> name(n);
@@ -182,15 +273,15 @@ nb::tuple apply_leaves(
       throw nb::type_error(
           ("[adafactor] parameter '" + name[first] + "' has dtype " +
            dtype_str(group.p_dtype) +
-           "; Adafactor updates float32, float16 and bfloat16 parameters "
-           "only.")
+           "; Adafactor updates float32, float16, bfloat16 and float64 "
+           "parameters only.")
               .c_str());
     }
     if (!mx::issubdtype(group.g_dtype, mx::floating)) {
       throw nb::type_error(
           ("[adafactor] gradient '" + name[first] + "' has dtype " +
            dtype_str(group.g_dtype) +
-           "; expected float32, float16 or bfloat16.")
+           "; expected float32, float16, bfloat16 or float64.")
               .c_str());
     }
     const size_t m = group.members.size();
@@ -214,8 +305,11 @@ nb::tuple apply_leaves(
     std::vector<mx::array> outs;
     {
       // Evaluating the inputs runs the forward and backward pass: other
-      // Python threads keep running meanwhile.
-      nb::gil_scoped_release nogil;
+      // Python threads keep running meanwhile (tests/test_gil.py).
+      std::optional<nb::gil_scoped_release> nogil;
+      if (!AF_FAULT(cpu::Fault::StepHoldsGil)) {
+        nogil.emplace();
+      }
       outs = adafactor_step(
           step, learning_rate, gp, gg, gs, gn, h, group.shard);
     }
@@ -271,8 +365,8 @@ void bind_step(nb::module_& m) {
   m.def(
       "apply_leaves",
       &apply_leaves,
-      "step"_a,
-      "learning_rate"_a,
+      "step"_a.none(),
+      "learning_rate"_a.none(),
       "params"_a,
       "grads"_a,
       "states"_a,
@@ -284,6 +378,17 @@ void bind_step(nb::module_& m) {
       "given, holds each parameter's mx.distributed.Group or None "
       "(NOTE: [sharded step]). Returns the new "
       "parameters and the new state dicts, in list order; changes nothing.");
+  m.def(
+      "check_learning_rate",
+      &check_learning_rate_value,
+      "value"_a.none(),
+      "Check a fixed learning rate; raises naming learning_rate.");
+  m.def(
+      "step_count",
+      &step_count,
+      "state"_a.none(),
+      "The step count of an optimizer state dict, checked (a scalar mlx "
+      "array of a real dtype); raises naming what is wrong.");
   m.def(
       "init_state",
       &init_state,

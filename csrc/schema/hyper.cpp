@@ -101,6 +101,10 @@ void set_weight_decay(AdafactorHyper& h, double value) {
   set_flag(h, AF_WEIGHT_DECAY, value != 0);
 }
 
+void check_learning_rate(double value) {
+  to_float("learning_rate", value);
+}
+
 void set_flag(AdafactorHyper& h, int flag, bool on) {
   h.flags = on ? (h.flags | flag) : (h.flags & ~flag);
 }

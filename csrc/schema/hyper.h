@@ -35,6 +35,11 @@ void set_weight_decay(AdafactorHyper& h, double value);
 void set_flag(AdafactorHyper& h, int flag, bool on);
 void set_seed(AdafactorHyper& h, long long value);
 
+// The learning rate is not a field (it is an input of the step, and may be
+// a schedule's value); a fixed one must be finite in float32, which is
+// checked here, with the other options' rules.
+void check_learning_rate(double value);
+
 bool has_flag(const AdafactorHyper& h, int flag);
 std::optional<float> beta_1(const AdafactorHyper& h);
 

@@ -37,10 +37,13 @@ mx::Shape entry_shape(Entry e, const mx::Shape& shape) {
 }
 
 mx::Dtype entry_dtype(Entry e, mx::Dtype dtype) {
-  // The second moment is small and kept in float32 whatever the parameter
-  // dtype; the first moment is as large as the parameter and kept in its
-  // dtype, as stock keeps it.
-  return e == Entry::ExpAvg ? dtype : mx::float32;
+  // The second moment is small and kept in float32, or float64 for float64
+  // parameters (NOTE: [float64]); the first moment is as large as the
+  // parameter and kept in its dtype, as stock keeps it.
+  if (e == Entry::ExpAvg || dtype == mx::float64) {
+    return dtype;
+  }
+  return mx::float32;
 }
 
 int EntryList::index_of(Entry e) const {

@@ -8,6 +8,7 @@
 // A tensor's state entries, in order, are decided by state_entries() alone:
 //   ndim >= 2  exp_avg_sq_row, exp_avg_sq_col   (float32, factored)
 //   ndim < 2   exp_avg_sq                       (float32)
+//   (the second moment is float64 for float64 parameters, NOTE: [float64])
 //   beta_1     exp_avg                          (parameter dtype)
 // SlotLayout is the only code that turns that into positions; every walk
 // over the inputs or outputs (validation, the lazy chunks, output shapes,

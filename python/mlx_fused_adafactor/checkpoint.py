@@ -16,23 +16,46 @@ moment in float32; stock: the parameter dtype).
 :func:`load_optimizer_state` reads the plain format of the MLX documentation,
 ``mx.save_safetensors(path, dict(tree_flatten(optimizer.state)))``.
 
+Paths follow MLX's rule for safetensors files: ``.safetensors`` is added
+unless the path ends with it, so ``save_checkpoint("run1", ...)`` writes
+``run1.safetensors`` and ``load_checkpoint("run1", ...)`` reads it (a file
+at exactly the given path is read when there is no such file). A missing
+file raises ``FileNotFoundError``.
+
 Loading validates everything against the model before it changes anything:
-on a truncated file, a missing or extra entry, or a shape or dtype that does
-not fit, it raises ``ValueError`` naming the parameter path, and the model and
-the optimizer stay as they were.
+on a truncated file, a missing or extra entry, a shape or dtype that does
+not fit, a step count that is negative or not an integer, or a value that is
+not an array, it raises ``ValueError`` naming the entry's path, and the model
+and the optimizer stay as they were.
+
+A ``MultiOptimizer`` is saved as its ``state`` (``states.<i>.<entry>``) and
+loaded the same way, each optimizer's entries checked against the parameters
+its filter gives it.
 """
 
+import os
+
 import mlx.core as mx
+from mlx.optimizers import MultiOptimizer
 from mlx.utils import tree_flatten, tree_map_with_path
 
 FORMAT = "mlx_fused_adafactor.checkpoint/1"
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
+SUFFIX = ".safetensors"
+
+
+def checkpoint_path(path):
+    """The file ``mx.save_safetensors(path, ...)`` writes: ``path`` with
+    ``.safetensors`` added unless it ends with it."""
+    name = os.fspath(path)
+    return name if name.endswith(SUFFIX) else name + SUFFIX
 
 
 def save_checkpoint(path, model, optimizer, metadata=None):
     """Write the model's parameters and the optimizer's state to ``path``
-    (safetensors). ``metadata`` (str to str) is stored beside them."""
+    (safetensors; ``.safetensors`` is added unless ``path`` ends with it).
+    ``metadata`` (str to str) is stored beside them."""
     arrays = {}
     for key, value in tree_flatten(model.parameters()):
         arrays[MODEL_PREFIX + key] = value
@@ -48,7 +71,7 @@ def save_checkpoint(path, model, optimizer, metadata=None):
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
     }
     meta.update(metadata or {})
-    mx.save_safetensors(str(path), arrays, metadata=meta)
+    mx.save_safetensors(checkpoint_path(path), arrays, metadata=meta)
 
 
 def load_checkpoint(path, model, optimizer):
@@ -75,7 +98,9 @@ def load_checkpoint(path, model, optimizer):
                 f"[adafactor] checkpoint '{path}': unexpected entry '{key}'."
             )
     new_params = _check_model(path, model_flat, model)
-    new_state = _check_optimizer_state(path, opt_flat, model, optimizer)
+    new_state = _check_optimizer_state(
+        path, opt_flat, model.trainable_parameters(), optimizer
+    )
     model.update(new_params)
     optimizer.state = new_state
     return metadata
@@ -91,17 +116,24 @@ def load_optimizer_state(path_or_arrays, model, optimizer):
     else:
         name = path_or_arrays
         arrays, _ = _read(path_or_arrays)
-    optimizer.state = _check_optimizer_state(name, arrays, model, optimizer)
+    optimizer.state = _check_optimizer_state(
+        name, arrays, model.trainable_parameters(), optimizer
+    )
 
 
 def _read(path):
-    try:
-        arrays, metadata = mx.load(
-            str(path), format="safetensors", return_metadata=True
+    """The arrays and metadata of the checkpoint at ``path`` (MLX's naming
+    rule, else exactly ``path``), evaluated."""
+    file = checkpoint_path(path)
+    if not os.path.exists(file) and os.path.isfile(os.fspath(path)):
+        file = os.fspath(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(
+            f"[adafactor] checkpoint '{path}': no such file ({file!r})."
         )
+    try:
+        arrays, metadata = mx.load(file, format="safetensors", return_metadata=True)
         mx.eval(list(arrays.values()))
-    except FileNotFoundError:
-        raise
     except (RuntimeError, ValueError, OSError) as e:
         raise ValueError(
             f"[adafactor] checkpoint '{path}' could not be read (truncated or "
@@ -143,11 +175,21 @@ def _check_array(path, what, value, shape, dtype):
         )
 
 
-def _check_optimizer_state(path, flat, model, optimizer):
+def _check_optimizer_state(path, flat, params_tree, optimizer, prefix=""):
     """Build the optimizer's new state tree from flattened entries, checked
     entry by entry against what ``optimizer.init_single`` makes for each
-    trainable parameter; return it without touching the optimizer."""
-    params = dict(tree_flatten(model.trainable_parameters()))
+    parameter of ``params_tree``; return it without touching the optimizer.
+    ``prefix`` is where these entries sit in the file (MultiOptimizer)."""
+    for key, value in flat.items():
+        if not isinstance(value, mx.array):
+            raise ValueError(
+                f"[adafactor] checkpoint '{path}': optimizer state "
+                f"'{prefix}{key}' is a {type(value).__name__}, not an mlx array."
+            )
+    if isinstance(optimizer, MultiOptimizer):
+        return _check_multi_state(path, flat, params_tree, optimizer, prefix)
+
+    params = dict(tree_flatten(params_tree))
     per_param = {key: {} for key in params}
     scalars = {}
     for key, value in flat.items():
@@ -159,25 +201,52 @@ def _check_optimizer_state(path, flat, model, optimizer):
         else:
             raise ValueError(
                 f"[adafactor] checkpoint '{path}': it has optimizer state "
-                f"'{key}', which fits no trainable parameter of the model."
+                f"'{prefix}{key}', which fits no trainable parameter of the "
+                "model."
             )
 
+    # The scalars this optimizer keeps: its step, and what it has in its
+    # state or schedules (learning_rate).
+    kept = {"step"} | set(optimizer._schedulers)
+    kept |= {k for k, v in optimizer.state.items() if isinstance(v, mx.array)}
+    for key, value in scalars.items():
+        if key not in kept:
+            raise ValueError(
+                f"[adafactor] checkpoint '{path}': it has optimizer state "
+                f"'{prefix}{key}', which this optimizer does not keep (it "
+                f"keeps {sorted(kept)})."
+            )
+        if value.ndim != 0:
+            raise ValueError(
+                f"[adafactor] checkpoint '{path}': optimizer state "
+                f"'{prefix}{key}' has shape {tuple(value.shape)}, expected a "
+                "scalar."
+            )
+        is_real = mx.issubdtype(value.dtype, mx.integer) or mx.issubdtype(
+            value.dtype, mx.floating
+        )
+        if value.dtype == mx.bool_ or not is_real:
+            raise ValueError(
+                f"[adafactor] checkpoint '{path}': optimizer state "
+                f"'{prefix}{key}' has dtype {value.dtype}, expected a real "
+                "number."
+            )
     if "step" not in scalars:
         raise ValueError(
             f"[adafactor] checkpoint '{path}': the optimizer state has no "
-            "'step'."
+            f"'{prefix}step'."
         )
     step = scalars["step"]
-    if step.ndim != 0 or not mx.issubdtype(step.dtype, mx.integer):
+    if not mx.issubdtype(step.dtype, mx.integer) or step.item() < 0:
         raise ValueError(
-            f"[adafactor] checkpoint '{path}': optimizer 'step' must be an "
-            f"integer scalar, got {step.dtype} of shape {tuple(step.shape)}."
+            f"[adafactor] checkpoint '{path}': optimizer '{prefix}step' must be "
+            f"an integer >= 0, got {step.item()!r} ({step.dtype})."
         )
     for key, value in scalars.items():
-        if value.ndim != 0:
+        if key != "step" and not mx.isfinite(value).item():
             raise ValueError(
-                f"[adafactor] checkpoint '{path}': optimizer state '{key}' "
-                f"has shape {tuple(value.shape)}, expected a scalar."
+                f"[adafactor] checkpoint '{path}': optimizer state "
+                f"'{prefix}{key}' is {value.item()!r}, expected a finite number."
             )
 
     if step.item() == 0 and not any(per_param.values()):
@@ -222,9 +291,7 @@ def _check_optimizer_state(path, flat, model, optimizer):
 
     # Mirror the trainable tree, empty subtrees included, as Optimizer.init does.
     new_state = (
-        tree_map_with_path(lambda key, _: built[key], model.trainable_parameters())
-        if built
-        else {}
+        tree_map_with_path(lambda key, _: built[key], params_tree) if built else {}
     )
     for key, value in scalars.items():
         new_state[key] = value
@@ -234,3 +301,30 @@ def _check_optimizer_state(path, flat, model, optimizer):
             new_state[key] = value
     return new_state
 
+
+def _check_multi_state(path, flat, params_tree, optimizer, prefix):
+    """The state of a MultiOptimizer, ``{"states": [...]}``: the entries
+    ``states.<i>.*`` of each optimizer, checked against the parameters its
+    filter gives it (MultiOptimizer._split_dictionary)."""
+    n = len(optimizer.optimizers)
+    groups = [{} for _ in range(n)]
+    for key, value in flat.items():
+        head, index, rest = (key.split(".", 2) + ["", ""])[:3]
+        if head != "states" or not index.isdigit() or int(index) >= n or not rest:
+            raise ValueError(
+                f"[adafactor] checkpoint '{path}': it has optimizer state "
+                f"'{prefix}{key}'; a MultiOptimizer of {n} optimizers keeps "
+                f"'states.<i>.<entry>' with i < {n}."
+            )
+        groups[int(index)][rest] = value
+    parts = optimizer._split_dictionary(params_tree)
+    return {
+        "states": [
+            _check_optimizer_state(
+                path, group, part, sub, f"{prefix}states.{i}."
+            )
+            for i, (group, part, sub) in enumerate(
+                zip(groups, parts, optimizer.optimizers)
+            )
+        ]
+    }

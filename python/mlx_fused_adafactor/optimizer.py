@@ -30,7 +30,8 @@ class Adafactor(Optimizer):
     constructor, the same state tree, and the same results in float32. Each
     step runs as one fused operation per dtype group; all arithmetic is
     float32 whatever the parameter dtype, and the second-moment state is kept
-    in float32 (see the README's numerics contract).
+    in float32 (see the README's numerics contract). float64 parameters are
+    the exception: their step is computed, and their state kept, in float64.
 
     Args:
         learning_rate (float or callable, optional): The learning rate, used
@@ -103,9 +104,20 @@ class Adafactor(Optimizer):
                     UserWarning,
                     stacklevel=2,
                 )
+            if not callable(learning_rate):
+                _ext.check_learning_rate(learning_rate)
             self._maybe_schedule("learning_rate", learning_rate)
+            if not isinstance(self._state["learning_rate"], mx.array):
+                # A schedule returning a Python or NumPy number.
+                self._state["learning_rate"] = mx.array(self._state["learning_rate"])
         elif not relative_step:
             raise ValueError("[adafactor] relative_step=False needs a learning_rate.")
+
+    @Optimizer.learning_rate.setter
+    def learning_rate(self, learning_rate):
+        # Checked as in the constructor before the state changes.
+        _ext.check_learning_rate(learning_rate)
+        self._state["learning_rate"] = mx.array(learning_rate)
 
     @property
     def shard_group(self):
@@ -130,6 +142,9 @@ class Adafactor(Optimizer):
 
     def init_single(self, parameter: mx.array, state: dict):
         """Initialize the state of one parameter (the stock layout)."""
+        if _is_numpy(parameter):
+            # Optimizer.init(gradients) with NumPy gradients.
+            parameter = mx.array(parameter)
         state.update(_ext.init_state(parameter, self._hyper))
 
     # ------------------------------------------------------------------- step
@@ -151,23 +166,28 @@ class Adafactor(Optimizer):
         structure of ``gradients``. On bad input this raises before anything
         is changed: parameters and optimizer state stay as they were.
         """
+        old_step = _ext.step_count(self._state)
         leaves = []
         _collect(gradients, parameters, self._state, (), "", leaves)
-        scheduled = {k: fn(self.step) for k, fn in self._schedulers.items()}
-        step = self.step + 1
+        scheduled = {k: fn(old_step) for k, fn in self._schedulers.items()}
+        step = old_step + 1
         new_params, new_states = self._run(
             step, self._learning_rate(scheduled), leaves
         )
 
         # Nothing has changed so far; commit the step.
-        if not self._initialized or any(leaf.state is None for leaf in leaves):
+        if not self._initialized or any(
+            leaf.state is _MISSING for leaf in leaves
+        ):
             self.init(gradients)
         for k, v in scheduled.items():
-            self._state[k] = v
+            # A schedule may return a Python or NumPy number; the state
+            # keeps arrays (stock's _maybe_schedule keeps what it returns).
+            self._state[k] = v if isinstance(v, mx.array) else mx.array(v)
         self._state["step"] = step
         for leaf, new_state in zip(leaves, new_states):
             state = leaf.state
-            if state is None:
+            if state is _MISSING:
                 state = _lookup(self._state, leaf.keys)
             state.update(new_state)
         return _rebuild(gradients, iter(new_params))
@@ -176,24 +196,28 @@ class Adafactor(Optimizer):
         """Update one parameter with the current step count; ``state`` is
         updated in place. Provided for code that drives optimizers per
         parameter; :meth:`apply_gradients` fuses all parameters instead."""
+        if _is_numpy(gradient):
+            gradient = mx.array(gradient)
         leaf = _Leaf((), "<single>", gradient, parameter, state)
         new_params, new_states = self._run(
-            self.step, self._learning_rate({}), [leaf]
+            _ext.step_count(self._state), self._learning_rate({}), [leaf]
         )
         state.update(new_states[0])
         return new_params[0]
 
     def _learning_rate(self, scheduled):
+        """The learning rate of this step as given (a schedule's value or
+        the state's); apply_leaves checks it."""
         if self.relative_step:
             return _ZERO
         if "learning_rate" in scheduled:
-            return mx.array(scheduled["learning_rate"])
+            return scheduled["learning_rate"]
         if "learning_rate" not in self._state:
             raise ValueError(
                 "[adafactor] relative_step=False needs a learning rate, and "
                 "the state has none."
             )
-        return mx.array(self._state["learning_rate"])
+        return self._state["learning_rate"]
 
     def _run(self, step, learning_rate, leaves):
         """New parameters and state dicts of validated leaves, in order;
@@ -201,7 +225,7 @@ class Adafactor(Optimizer):
         states = []
         for leaf in leaves:
             state = leaf.state
-            if state is None:
+            if state is _MISSING:
                 state = {}
                 self.init_single(leaf.param, state)
             states.append(state)
@@ -289,8 +313,8 @@ def hyper_parameters(**options):
 
 
 class _Leaf:
-    """A gradient array with its parameter, its state dict (None when it has
-    none yet) and its path (keys, and the dotted name errors use)."""
+    """A gradient array with its parameter, its state (_MISSING when it
+    has none yet) and its path (keys, and the dotted name errors use)."""
 
     __slots__ = ("keys", "name", "grad", "param", "state")
 
@@ -302,59 +326,92 @@ class _Leaf:
         self.state = state
 
 
+# No state at this path yet (a key or list entry the state does not have).
+_MISSING = object()
+
+
+def _is_numpy(x):
+    """A NumPy array or scalar, recognized without importing NumPy (not a
+    dependency of this package)."""
+    return type(x).__module__ == "numpy" and hasattr(x, "dtype")
+
+
+def _kind(tree):
+    if isinstance(tree, dict):
+        return "a dict"
+    if isinstance(tree, (list, tuple)):
+        return f"a {type(tree).__name__} of {len(tree)}"
+    return f"a {type(tree).__name__}"
+
+
 def _collect(grads, params, state, keys, name, out):
     """Walk the gradient tree with the parameter and state trees beside it,
-    validating their structure; append a _Leaf per gradient array."""
+    validating their structure; append a _Leaf per gradient array.
+
+    This owns the structure of the trees: every container of the state
+    along the gradients must be the kind the parameters have there (dict
+    for dict, list or tuple for list or tuple), or absent. What the state of
+    one parameter holds is checked by _ext.apply_leaves (NOTE: [leaves in
+    C++]). So a malformed state raises here or there, naming the path,
+    before anything changes, and the commit in apply_gradients (stock's
+    Optimizer.init) always finds the structure it expects.
+    """
     where = name or "<root>"
-    if isinstance(grads, (dict, list, tuple)) and not grads:
-        # Module.trainable_parameters() maps non-array attributes to empty
-        # containers; there is nothing to update under them (as in stock).
-        return
-    if isinstance(grads, mx.array):
+    if isinstance(grads, mx.array) or _is_numpy(grads):
         if not isinstance(params, mx.array):
             raise ValueError(
                 f"[adafactor] parameter '{where}': the gradient is an array "
-                f"where the parameters have a {type(params).__name__}."
+                f"where the parameters have {_kind(params)}."
             )
-        # An empty dict is a state not made yet (Optimizer.init's {}).
-        has_state = state is not None and not (isinstance(state, dict) and not state)
-        out.append(_Leaf(keys, name, grads, params, state if has_state else None))
-    elif isinstance(grads, dict):
-        if not isinstance(params, dict):
-            raise ValueError(
-                f"[adafactor] parameter '{where}': the gradients have a dict "
-                f"where the parameters have a {type(params).__name__}."
-            )
-        state = state if isinstance(state, dict) else {}
-        prefix = name + "." if name else ""
+        if not isinstance(grads, mx.array):
+            # A NumPy gradient becomes the array stock's first op on it
+            # (mx.square) makes of it.
+            grads = mx.array(grads)
+        # An empty dict is a state not made yet (Optimizer.init's {}); any
+        # other value goes to apply_leaves, which checks it.
+        fresh = state is _MISSING or (isinstance(state, dict) and not state)
+        out.append(_Leaf(keys, name, grads, params, _MISSING if fresh else state))
+        return
+    if isinstance(grads, dict):
+        kind = dict
+    elif isinstance(grads, (list, tuple)):
+        kind = (list, tuple)
+    else:
+        raise TypeError(
+            f"[adafactor] gradient '{where}' is a {type(grads).__name__}, "
+            "expected an mlx.core.array."
+        )
+    if state is not _MISSING and not isinstance(state, kind):
+        raise ValueError(
+            f"[adafactor] parameter '{where}': the optimizer state holds "
+            f"{_kind(state)} where the gradients have {_kind(grads)}."
+        )
+    if not grads:
+        # Module.trainable_parameters() maps non-array attributes to empty
+        # containers; there is nothing to update under them (as in stock).
+        return
+    if not isinstance(params, kind) or (
+        kind is not dict and len(params) < len(grads)
+    ):
+        raise ValueError(
+            f"[adafactor] parameter '{where}': the gradients have "
+            f"{_kind(grads)} where the parameters have {_kind(params)}."
+        )
+    prefix = name + "." if name else ""
+    if isinstance(grads, dict):
         for k, g in grads.items():
             if k not in params:
                 raise ValueError(
                     f"[adafactor] parameter '{prefix}{k}': there is a gradient "
                     "but no such parameter."
                 )
-            _collect(g, params[k], state.get(k), keys + (k,), f"{prefix}{k}", out)
-    elif isinstance(grads, (list, tuple)):
-        if not isinstance(params, (list, tuple)) or len(params) < len(grads):
-            what = (
-                f"{len(params)} entries"
-                if isinstance(params, (list, tuple))
-                else f"a {type(params).__name__}"
-            )
-            raise ValueError(
-                f"[adafactor] parameter '{where}': the gradients have a list "
-                f"of {len(grads)} where the parameters have {what}."
-            )
-        state = state if isinstance(state, (list, tuple)) else ()
-        prefix = name + "." if name else ""
-        for i, g in enumerate(grads):
-            sub = state[i] if i < len(state) else None
-            _collect(g, params[i], sub, keys + (i,), f"{prefix}{i}", out)
+            sub = _MISSING if state is _MISSING else state.get(k, _MISSING)
+            _collect(g, params[k], sub, keys + (k,), f"{prefix}{k}", out)
     else:
-        raise TypeError(
-            f"[adafactor] gradient '{where}' is a {type(grads).__name__}, "
-            "expected an mlx.core.array."
-        )
+        for i, g in enumerate(grads):
+            has = state is not _MISSING and i < len(state)
+            sub = state[i] if has else _MISSING
+            _collect(g, params[i], sub, keys + (i,), f"{prefix}{i}", out)
 
 
 def _lookup(tree, keys):

@@ -6,8 +6,9 @@ entry point does ``optim.Adafactor(...)``) picks up the fused class after
 >>> import mlx_fused_adafactor
 >>> mlx_fused_adafactor.patch_mlx()
 
-and stock again after :func:`unpatch_mlx` (or ``handle.undo()``). The patch
-also works as a context manager:
+and stock again after :func:`unpatch_mlx` (or ``handle.undo()`` of every
+handle, in any order: NOTE: [patch handles]). The patch also works as a
+context manager:
 
 >>> with mlx_fused_adafactor.patch_mlx():
 ...     run_third_party_training()
@@ -29,26 +30,43 @@ _MODULES = (mlx.optimizers, mlx.optimizers.optimizers)
 STOCK_ADAFACTOR = mlx.optimizers.optimizers.Adafactor
 
 
+# The active patches, oldest first (NOTE: [patch handles]).
+_ACTIVE = []
+
+
 class MlxPatch:
     """Undo handle returned by :func:`patch_mlx`; also a context manager.
 
-    ``undo()`` puts back what the patched attributes held when this patch was
-    made, so nested patches unwind in order. It is idempotent.
+    NOTE: [patch handles]
+    Each handle holds what the patched attributes held before it. Undoing
+    the newest active handle puts that back. Undoing an older one while
+    newer ones are active leaves the patch in place (they still hold it) and
+    hands its saved values to the next newer handle, so whatever the order
+    of the undos, the last one restores what was there before the first
+    patch. A handle is active until its ``undo()`` (or :func:`unpatch_mlx`),
+    and the patch is in place while any handle is active. ``undo()`` is
+    idempotent.
     """
 
     def __init__(self, saved):
         self._saved = saved
-        self._active = True
 
     @property
     def active(self):
-        return self._active
+        return any(h is self for h in _ACTIVE)
 
     def undo(self):
-        if self._active:
+        for i, handle in enumerate(_ACTIVE):
+            if handle is self:
+                break
+        else:
+            return
+        if i == len(_ACTIVE) - 1:
             for module, previous in self._saved:
                 module.Adafactor = previous
-            self._active = False
+        else:
+            _ACTIVE[i + 1]._saved = self._saved
+        del _ACTIVE[i]
 
     def __enter__(self):
         return self
@@ -58,7 +76,7 @@ class MlxPatch:
         return False
 
     def __repr__(self):
-        state = "active" if self._active else "undone"
+        state = "active" if self.active else "undone"
         return f"<mlx_fused_adafactor.MlxPatch {state}>"
 
 
@@ -72,13 +90,17 @@ def patch_mlx():
     saved = [(module, module.Adafactor) for module in _MODULES]
     for module in _MODULES:
         module.Adafactor = Adafactor
-    return MlxPatch(saved)
+    handle = MlxPatch(saved)
+    _ACTIVE.append(handle)
+    return handle
 
 
 def unpatch_mlx():
-    """Restore stock ``mlx.optimizers.Adafactor`` whatever patches are active."""
+    """Restore stock ``mlx.optimizers.Adafactor`` whatever patches are
+    active; every handle is then undone."""
     for module in _MODULES:
         module.Adafactor = STOCK_ADAFACTOR
+    _ACTIVE.clear()
 
 
 def is_patched():

@@ -5,8 +5,9 @@ The ops are built by the extension (csrc/op/reference.cpp, NOTE:
 [reference]): the same function is the step on streams without fused kernels
 and gives the fused primitive its derivatives. It is stock's
 ``mlx.optimizers.Adafactor.apply_single`` with every intermediate in float32
-and this package's state layout (second moment in float32, ``exp_avg`` in
-the parameter dtype).
+(float64 for float64 parameters) and this package's state layout (second
+moment in float32, or float64 for float64 parameters; ``exp_avg`` in the
+parameter dtype).
 """
 
 from typing import Dict, Tuple

@@ -228,11 +228,20 @@ def rewrite(path, out, edit):
         ("extra_param", r"optimizer state 'extra\.weight\.exp_avg_sq', which fits no"),
         ("no_step", "has no 'step'"),
         ("not_a_checkpoint", "is not a"),
+        ("extra_scalar", r"optimizer state 'foo', which this optimizer does not keep"),
+        ("negative_step", r"'step' must be an integer >= 0, got -3"),
+        ("float_step", r"'step' must be an integer >= 0, got 4\.0"),
+        ("bool_step", r"'step' has dtype mlx.core.bool"),
+        ("vector_step", r"'step' has shape \(1,\), expected a scalar"),
+        ("nested_entry", r"'norm\.bias\.exp_avg_sq\.x', which fits no"),
+        ("nan_learning_rate", r"'learning_rate' is nan, expected a finite"),
+        ("integer_state", r"'exp_avg_sq' has dtype mlx.core.int32, expected a float"),
     ],
 )
 def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, case, match):
-    good = trained(tmp_path)
-    width, kw = 16, {}
+    kw = {"learning_rate": 1e-2, "relative_step": False} if case == "nan_learning_rate" else {}
+    good = trained(tmp_path, **kw)
+    width = 16
     if case == "truncated":
         path = tmp_path / "bad.safetensors"
         path.write_bytes(good.read_bytes()[:-100])
@@ -262,6 +271,22 @@ def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, case, match):
     elif case == "not_a_checkpoint":
         path = tmp_path / "plain.safetensors"
         mx.save_safetensors(str(path), {"step": mx.array(1, mx.uint64)})
+    else:
+        edits = {
+            "extra_scalar": ("optimizer.foo", mx.array(1.0)),
+            "negative_step": ("optimizer.step", mx.array(-3, mx.int32)),
+            "float_step": ("optimizer.step", mx.array(4.0)),
+            "bool_step": ("optimizer.step", mx.array(True)),
+            "vector_step": ("optimizer.step", mx.array([4], mx.uint64)),
+            "nested_entry": ("optimizer.norm.bias.exp_avg_sq.x", mx.zeros((16,))),
+            "nan_learning_rate": ("optimizer.learning_rate", mx.array(float("nan"))),
+            "integer_state": ("optimizer.norm.bias.exp_avg_sq", mx.zeros((16,), mx.int32)),
+        }
+        key, value = edits[case]
+
+        def edit(a):
+            a[key] = value
+        path = rewrite(good, tmp_path / "bad.safetensors", edit)
 
     net, opt = fresh_pair(width, **kw)
     before = snapshot(net, opt)
@@ -273,3 +298,115 @@ def test_bad_checkpoint_raises_and_changes_nothing(tmp_path, case, match):
     # The optimizer still steps where it was.
     train(net, opt, split_data()[1][:1], False)
     assert opt.state["step"].item() == 3
+
+
+# ------------------------------------------------------- paths, missing files
+
+
+def test_paths_round_trip_by_mlx_naming_rule(tmp_path):
+    # MLX's save_safetensors adds ".safetensors" unless the path ends with
+    # it; loading takes the same path the user gave to save.
+    net, opt = make_net(0), Adafactor(beta_1=0.9)
+    train(net, opt, split_data()[0], False)
+    expected = snapshot(net, opt)
+    for given, written in [
+        ("run1", "run1.safetensors"),
+        ("ckpt.bin", "ckpt.bin.safetensors"),
+        ("run2.safetensors", "run2.safetensors"),
+    ]:
+        for as_path in (False, True):
+            target = tmp_path / given if as_path else str(tmp_path / given)
+            save_checkpoint(target, net, opt)
+            assert (tmp_path / written).is_file(), written
+            net2, opt2 = make_net(3), Adafactor(beta_1=0.9)
+            load_checkpoint(target, net2, opt2)
+            assert_same(snapshot(net2, opt2), expected)
+            (tmp_path / written).unlink()
+    # A file at exactly the given path (copied or renamed by the user) loads
+    # when the named rule's file does not exist.
+    save_checkpoint(tmp_path / "a", net, opt)
+    (tmp_path / "a.safetensors").rename(tmp_path / "renamed")
+    net2, opt2 = make_net(3), Adafactor(beta_1=0.9)
+    load_checkpoint(tmp_path / "renamed", net2, opt2)
+    assert_same(snapshot(net2, opt2), expected)
+    # load_optimizer_state follows the same rule.
+    mx.save_safetensors(str(tmp_path / "plain"), dict(tree_flatten(opt.state)))
+    net3, opt3 = make_net(3), Adafactor(beta_1=0.9)
+    load_optimizer_state(tmp_path / "plain", net3, opt3)
+    assert opt3.state["step"].item() == SPLIT
+
+
+@pytest.mark.parametrize("loader", ["checkpoint", "optimizer_state"])
+def test_missing_file_is_file_not_found(tmp_path, loader):
+    net, opt = fresh_pair()
+    before = snapshot(net, opt)
+    with pytest.raises(FileNotFoundError, match=r"\[adafactor\] checkpoint .*nothing_here"):
+        if loader == "checkpoint":
+            load_checkpoint(tmp_path / "nothing_here", net, opt)
+        else:
+            load_optimizer_state(tmp_path / "nothing_here", net, opt)
+    assert_unchanged(net, opt, before)
+
+
+@pytest.mark.parametrize(
+    "value", [0.5, np.zeros((16,), np.float32), "x", None, [mx.zeros((16,))]],
+    ids=["float", "numpy", "str", "None", "list"])
+def test_optimizer_state_dict_with_non_array_value(value):
+    net, opt = fresh_pair()
+    arrays = dict(tree_flatten(opt.state))
+    arrays["norm.bias.exp_avg_sq"] = value
+    before = snapshot(net, opt)
+    state_before = opt.state
+    with pytest.raises(ValueError, match=r"'norm\.bias\.exp_avg_sq' is a .*not an mlx array"):
+        load_optimizer_state(arrays, net, opt)
+    assert opt.state is state_before
+    assert_unchanged(net, opt, before)
+
+
+# ----------------------------------------------------------- MultiOptimizer
+
+
+def multi(beta_1=0.9):
+    # The fused class for the linear layers' weights, another for the rest.
+    return mlx.optimizers.MultiOptimizer(
+        [Adafactor(beta_1=beta_1), Adafactor(weight_decay=0.01)],
+        [lambda path, _: path.endswith("weight") and "norm" not in path],
+    )
+
+
+def test_multi_optimizer_checkpoint_resumes_bitwise(tmp_path):
+    net, opt = make_net(0), multi()
+    train(net, opt, batches(), False)
+    expected = snapshot(net, opt)
+
+    first, second = split_data()
+    net, opt = make_net(0), multi()
+    train(net, opt, first, False)
+    save_checkpoint(tmp_path / "multi", net, opt)
+    net, opt = make_net(5), multi()
+    load_checkpoint(tmp_path / "multi", net, opt)
+    assert opt.state["states"][0]["step"].item() == SPLIT
+    train(net, opt, second, False)
+    assert_same(snapshot(net, opt), expected)
+
+
+@pytest.mark.parametrize("into", ["single", "three", "options"])
+def test_multi_optimizer_checkpoint_that_does_not_fit(tmp_path, into):
+    net, opt = make_net(0), multi()
+    train(net, opt, split_data()[0], False)
+    save_checkpoint(tmp_path / "multi", net, opt)
+    net = make_net(9)
+    if into == "single":
+        target, match = Adafactor(), r"optimizer state 'states\.\d\.\w+"
+    elif into == "three":
+        target = mlx.optimizers.MultiOptimizer(
+            [Adafactor(), Adafactor(), Adafactor()],
+            [lambda p, _: "layers.0" in p, lambda p, _: "layers.1" in p])
+        match = r"optimizer state 'states\.0\.layers\.1\.weight\.exp_avg_sq_row', which fits no"
+    else:
+        target = multi(beta_1=None)
+        match = r"'layers\.0\.weight' has optimizer state 'exp_avg', which this optimizer does not keep"
+    before = snapshot(net, target)
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(tmp_path / "multi", net, target)
+    assert_unchanged(net, target, before)

@@ -8,6 +8,7 @@ trained on synthetic token sequences must give the loss curve of stock
 Adafactor in float32.
 """
 
+import itertools
 import types
 
 import mlx.core as mx
@@ -114,6 +115,33 @@ def test_patch_and_undo():
     patch_mlx()
     unpatch_mlx()
     assert mlx.optimizers.Adafactor is STOCK_ADAFACTOR
+    assert not mlx_fused_adafactor.is_patched()
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))), ids=str)
+def test_patch_handles_undone_in_any_order(order):
+    # NOTE: [patch handles]: the patch stays while any handle is active, a
+    # handle reports undone only once undone, and the last undo, whichever
+    # it is, restores stock.
+    handles = [patch_mlx() for _ in range(3)]
+    for n, i in enumerate(order):
+        handles[i].undo()
+        handles[i].undo()
+        assert not handles[i].active and "undone" in repr(handles[i])
+        active = [h for h in handles if h.active]
+        assert len(active) == 2 - n
+        assert all("active" in repr(h) for h in active)
+        assert mlx_fused_adafactor.is_patched() == bool(active)
+        assert mlx.optimizers.optimizers.Adafactor is (Adafactor if active else STOCK_ADAFACTOR)
+    assert mlx.optimizers.Adafactor is STOCK_ADAFACTOR
+    # unpatch_mlx undoes every handle; a later undo changes nothing.
+    first = patch_mlx()
+    unpatch_mlx()
+    assert not first.active
+    second = patch_mlx()
+    first.undo()
+    assert mlx_fused_adafactor.is_patched() and second.active
+    second.undo()
     assert not mlx_fused_adafactor.is_patched()
 
 
