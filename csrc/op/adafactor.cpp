@@ -193,7 +193,11 @@ std::vector<mx::array> adafactor_step(
     if (!r.reason.empty()) {
       warn_once(
           "[adafactor] " + r.reason +
-          "; running the pure-MLX implementation of the same float32 math.");
+          (r.failed ? "; running the pure-MLX implementation of the same "
+                      "float32 math on this device for the rest of the "
+                      "process" + std::string(kReportHint)
+                    : "; running the pure-MLX implementation of the same "
+                      "float32 math."));
     }
     return reference_step(hyper, in.inputs, stream);
   }
