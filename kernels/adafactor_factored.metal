@@ -3,7 +3,7 @@
 //   sums   reads p, g      -> row/column partials of g^2 + eps1, sum p^2
 //   norm   reads g         -> new row/column state and factors, sum u^2
 //   apply  reads p, g (, m) -> new p (, m)
-// NOTE: [three passes] in csrc/adafactor_cpu.cpp says why three.
+// NOTE: [three passes] in csrc/cpu/passes.h says why three.
 
 #include "adafactor_kernels.h"
 

@@ -29,7 +29,7 @@ namespace {
 const std::vector<mx::Shape> kShapes = {
     {}, {33}, {31, 33}, {2, 3, 5}, {9000}, {8, 1000}, {36, 1030}, {3, 20, 70}};
 
-// Step count of the check: beta_2 well below one, past the first step.
+// Step count of the check: beta_2 well below one.
 constexpr float kStep = 5.0f;
 
 struct Case {
@@ -76,15 +76,24 @@ float uniform(uint32_t stream, uint32_t i) {
   return static_cast<float>(x >> 8) * (2.0f / 16777216.0f) - 1.0f;
 }
 
-// A float32 array of `shape` filled with a + b * uniform(stream, i).
-mx::array filled(const mx::Shape& shape, uint32_t stream, float a, float b) {
+// A float32 array of `shape` filled with a + b * uniform(stream, i) *
+// (1 + uniform(stream + 1, i) / 2), but 0 at the first `zeros` elements.
+mx::array filled(
+    const mx::Shape& shape,
+    uint32_t stream,
+    float a,
+    float b,
+    size_t zeros = 0) {
   size_t n = 1;
   for (int d : shape) {
     n *= static_cast<size_t>(d);
   }
   std::vector<float> data(n);
   for (size_t i = 0; i < n; ++i) {
-    data[i] = a + b * uniform(stream, static_cast<uint32_t>(i));
+    const uint32_t k = static_cast<uint32_t>(i);
+    data[i] = i < zeros
+        ? 0.0f
+        : a + b * uniform(stream, k) * (1.0f + 0.5f * uniform(stream + 1, k));
   }
   return mx::array(data.begin(), shape, mx::float32);
 }
@@ -158,21 +167,24 @@ SelfCheckResult self_check(const mx::Stream& s) {
       std::vector<mx::Dtype> dtypes;
       for (size_t t = 0; t < kShapes.size(); ++t) {
         const mx::Shape& shape = kShapes[t];
-        // Gradients of varying scale, so that rows and columns differ.
-        const mx::array g = mx::multiply(
-            filled(shape, seed++, 0.0f, 0.1f),
-            filled(shape, seed++, 1.0f, 0.5f),
-            s);
-        inputs.push_back(mx::astype(filled(shape, seed++, 0.0f, 1.0f), c.param, s));
-        inputs.push_back(mx::astype(g, c.grad, s));
+        // The first row of each gradient (the first element of a 1-D one)
+        // is zero, and so is the first 1-D second moment: a first step of
+        // an unused entry, which only eps1 keeps finite.
+        const size_t row = shape.size() >= 2 ? shape.back() : 1;
+        seed += 2;
+        inputs.push_back(mx::astype(filled(shape, seed, 0.0f, 1.0f), c.param, s));
+        seed += 2;
+        inputs.push_back(
+            mx::astype(filled(shape, seed, 0.0f, 0.1f, row), c.grad, s));
         shapes.push_back(shape);
         dtypes.push_back(c.param);
         for (Entry e : layout[t].entries) {
           const mx::Shape es = entry_shape(e, shape);
           const mx::Dtype et = entry_dtype(e, c.param);
+          seed += 2;
           const mx::array v = e == Entry::ExpAvg
-              ? filled(es, seed++, 0.0f, 0.01f)
-              : filled(es, seed++, 2e-3f, 1e-3f);
+              ? filled(es, seed, 0.0f, 0.01f)
+              : filled(es, seed, 2e-3f, 1e-3f, e == Entry::Sq ? 1 : 0);
           inputs.push_back(mx::astype(v, et, s));
           shapes.push_back(es);
           dtypes.push_back(et);

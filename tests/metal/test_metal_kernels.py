@@ -2,11 +2,14 @@
 emulation of Metal, against the CPU primitive, stock MLX Adafactor and a
 float64 reference."""
 
+import subprocess
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from emu import harness, oracle
+from emu import build, harness, oracle
 
 # Sizes around the kernels' edges: 1, a simdgroup (32) and one off, the
 # small-tensor limit (4096) and past it, rows and columns of one, several
@@ -159,3 +162,15 @@ def test_donated_buffers_and_determinism(emu_run):
         assert mx.array_equal(a[0][k], b[0][k]).item(), SHAPES[k]
         for x, y in zip(a[1][k], b[1][k]):
             assert mx.array_equal(x, y).item(), SHAPES[k]
+
+
+def test_bfloat16_conversions_are_the_cpu_paths(tmp_path):
+    """NOTE: [bfloat16 storage]: the kernels round to bfloat16 exactly as
+    the CPU path (and so MLX's own bfloat16_t) does."""
+    exe = tmp_path / "bf16_check"
+    subprocess.run(
+        [build.cxx(), "-O1", "-std=c++17", f"-I{build.KERNELS}",
+         f"-I{build.CSRC}", str(Path(__file__).parent / "cpp" / "bf16_check.cpp"),
+         "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "mismatches: 0" in out.stdout, out.stdout

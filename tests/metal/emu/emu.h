@@ -42,7 +42,7 @@ enum class Order { Plan, Reverse, Shuffle, Concurrent };
 
 // Run dispatches that no barrier separates, in `order`, each to
 // completion. A dispatch that runs longer than the watchdog allows
-// ($EMU_WATCHDOG_SECONDS, default 300) ends the process naming its kernel.
+// ($EMU_WATCHDOG_SECONDS, default 120) ends the process naming its kernel.
 void run_segment(const std::vector<Launch>& launches, Order order,
                  uint64_t seed);
 

@@ -84,7 +84,7 @@ class Watchdog {
  private:
   Watchdog() {
     const char* env = std::getenv("EMU_WATCHDOG_SECONDS");
-    limit_ = std::chrono::duration<double>(env ? std::atof(env) : 300.0);
+    limit_ = std::chrono::duration<double>(env ? std::atof(env) : 120.0);
     std::thread([this] { watch(); }).detach();
   }
   void watch() {
