@@ -303,7 +303,7 @@ AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small) 
   for (auto d : shape) {
     n *= d;
   }
-  if (n > INT32_MAX / 2) {
+  if (n > kMaxElements) {
     throw std::invalid_argument(
         "[adafactor] a tensor of " + std::to_string(n) +
         " elements is too large for the Metal kernels (32-bit indexing).");

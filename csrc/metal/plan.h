@@ -27,6 +27,7 @@
 #pragma once
 
 #include <array>
+#include <climits>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -93,9 +94,13 @@ struct Plan {
   std::vector<std::pair<int64_t, int64_t>> donations;
 };
 
+// Most elements of a tensor: the kernels index with 32-bit ints, and a
+// thread's reads run up to AF_N_READS * AF_THREADS_PER_GROUP past an index.
+constexpr int64_t kMaxElements = INT32_MAX / 2;
+
 // Geometry of a tensor (NOTE: [factored tiles]); `small` if it runs in one
 // threadgroup. Throws std::invalid_argument for tensors the kernels cannot
-// index.
+// index (more than kMaxElements).
 AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small);
 
 // The plan of one step.
