@@ -203,3 +203,15 @@ def test_check_reports_and_exits(faults_site, fault):
         assert out["self_check"] == "passed"
         assert out["backend"] == ext.device_status(DEVICE)["path"]
         assert 0 < out["max_error"] < 0.01
+
+
+def test_check_text_report_with_timing():
+    proc = subprocess.run([sys.executable, "-m", "mlx_fused_adafactor.check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    path = ext.device_status(DEVICE)["path"]
+    assert f"default device: {DEVICE}" in proc.stdout
+    assert f"path: {path} (" in proc.stdout
+    assert "self-check: passed (12 steps against the reference" in proc.stdout
+    assert f"float32 parameters on the {DEVICE}:" in proc.stdout
+    assert "timing: failed" not in proc.stdout

@@ -18,6 +18,7 @@ JSON output is what to attach to a report.
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -171,7 +172,10 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - the report must still print
             t = {"error": f"{type(e).__name__}: {e}"}
     if a.json:
-        print(json.dumps(dict(s, timing=t), indent=2))
+        # A NaN error is reported as the string "nan": JSON has no NaN.
+        out = {k: v if not isinstance(v, float) or math.isfinite(v) else str(v)
+               for k, v in dict(s, timing=t).items()}
+        print(json.dumps(out, indent=2))
     else:
         print(_report(s, t))
     return 1 if s["self_check"] == "failed" else 0
