@@ -1,6 +1,5 @@
 #include "op/backend.h"
 
-#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>

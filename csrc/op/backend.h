@@ -10,11 +10,11 @@
 //   auto       the fused kernels where they are ready, else the reference
 //              with one warning that says why and how to report it.
 // The fused kernels exist on the CPU and, in Metal builds, on Apple GPUs.
-// They are ready on a device once, at the first step that would use them,
-// the Metal library has loaded or compiled with every pipeline built
-// (NOTE: [kernel library]) and they have passed their self-check (NOTE:
-// [self-check]); otherwise the device runs the reference for the rest of
-// the process. A step that raises has changed nothing.
+// The first step that would use them on a device makes sure they are ready:
+// on a GPU, the Metal library loaded or compiled with every pipeline built
+// (NOTE: [kernel library]); on every device, a passed self-check (NOTE:
+// [self-check]). Where they are not, the device runs the reference for the
+// rest of the process. A step that raises has changed nothing.
 
 #pragma once
 
@@ -65,7 +65,7 @@ struct Route {
   // when it was chosen): the text of the one warning.
   std::string reason;
   // The fused kernels failed: the warning says how to report it.
-  bool failed;
+  bool failed = false;
 };
 
 // The end of a message about a failure of the fused kernels.
