@@ -34,9 +34,12 @@
 #define AF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
-// The bits of a float and back (as_type is Metal's reinterpreting cast, a
-// builtin: it parses only unqualified).
+// The bits of a float and back. as_type is Metal's reinterpreting cast,
+// written unqualified under `using namespace metal` as MLX's
+// mlx/backend/metal/kernels/bf16.h writes it: that parses whether the
+// compiler treats it as a builtin or as a member of namespace metal.
 #if defined(__METAL__)
+using namespace metal;
 AF_INLINE uint32_t af_float_bits(float x) {
   return as_type<uint32_t>(x);
 }
