@@ -94,25 +94,37 @@ def what_the_extension_loads(prefix):
 
 
 @pytest.fixture(scope="module")
-def mac_builds(tmp_path_factory):
+def mac_builds():
     """One build directory, configured and built as on a Mac with the
     Command Line Tools alone, installed; then configured again as on a Mac
-    with a Metal compiler, built and installed. Returns what each
-    configure printed and each install prefix."""
-    tmp = tmp_path_factory.mktemp("mac-build")
-    bdir = tmp / "build"
-    out = {}
-    env = standin_env(tmp, "clt")
-    out["clt_configure"] = configure(bdir, env)
-    cmake("--build", bdir, "-j", "2", env=env)
-    out["clt_prefix"] = tmp / "clt"
-    install(bdir, out["clt_prefix"], env)
-    env = standin_env(tmp, "ok")
-    out["ok_configure"] = configure(bdir, env)
-    cmake("--build", bdir, "-j", "2", env=env)
-    out["ok_prefix"] = tmp / "ok"
-    install(bdir, out["ok_prefix"], env)
-    out["build"] = bdir
+    with a Metal compiler, built and installed. Returns what each configure
+    printed and each install prefix. Cached under build/metal-emu by a
+    digest of the sources (as tests/support/variants.py caches its builds)."""
+    h = hashlib.sha256()
+    for f in variants._sources() + sorted((HERE / "emu").rglob("*.py")) + [
+            HERE / "xcrun_standin.py"]:
+        h.update(str(f).encode())
+        h.update(f.read_bytes())
+    h.update(repr((sys.executable, os.environ.get("CXX"))).encode())
+    tmp = build.CACHE / f"mac-build-{h.hexdigest()[:16]}"
+    out = {"clt_prefix": tmp / "clt", "ok_prefix": tmp / "ok"}
+    if not (tmp / "complete").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        bdir = tmp / "build"
+        env = standin_env(tmp, "clt")
+        (tmp / "clt_configure").write_text(configure(bdir, env))
+        cmake("--build", bdir, "-j", "2", env=env)
+        install(bdir, out["clt_prefix"], env)
+        env = standin_env(tmp, "ok")
+        (tmp / "ok_configure").write_text(configure(bdir, env))
+        cmake("--build", bdir, "-j", "2", env=env)
+        install(bdir, out["ok_prefix"], env)
+        # The installs are what the tests look at.
+        shutil.rmtree(bdir)
+        (tmp / "complete").write_text("")
+    for name in ("clt_configure", "ok_configure"):
+        out[name] = (tmp / name).read_text()
     return out
 
 
