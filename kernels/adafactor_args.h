@@ -1,5 +1,5 @@
 // Launch arguments shared by the Metal kernels (kernels/*.metal) and the
-// launch plan that encodes them (csrc/metal_plan.cpp).
+// launch plan that encodes them (csrc/metal/plan.cpp).
 //
 // Compiles as Metal Shading Language and as C++17: the plan fills these
 // structs byte for byte as the kernels read them (only 32-bit fields).

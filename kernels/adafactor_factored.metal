@@ -3,7 +3,7 @@
 //   sums   reads p, g      -> row/column partials of g^2 + eps1, sum p^2
 //   norm   reads g         -> new row/column state and factors, sum u^2
 //   apply  reads p, g (, m) -> new p (, m)
-// NOTE: [three passes] in csrc/adafactor_cpu.cpp says why three.
+// NOTE: [three passes] in csrc/cpu/passes.h says why three.
 
 #include "adafactor_kernels.h"
 
@@ -55,11 +55,10 @@ template <typename T, typename U>
       for (int k = 0; k < AF_N_READS; ++k) {
         const int c = c0 + q * AF_CHUNK + k;
         if (c < C) {
-          const float s =
-              adafactor_sq_grad(static_cast<float>(g[base + c]), h);
+          const float s = adafactor_sq_grad(af_load(g, base + c), h);
           col_acc[q][k] += s;
           rs += s;
-          const float pv = static_cast<float>(p[base + c]);
+          const float pv = af_load(p, base + c);
           p2 += pv * pv;
         }
       }
@@ -207,8 +206,8 @@ template <typename T, typename U>
     const size_t base = (mat + r) * C;
     for (int k = 0; k < AF_N_READS; ++k) {
       if (c + k < C) {
-        const float u = adafactor_factored_update(
-            rf, cf[k], static_cast<float>(g[base + c + k]));
+        const float u =
+            adafactor_factored_update(rf, cf[k], af_load(g, base + c + k));
         u2 += u * u;
       }
     }
@@ -253,6 +252,8 @@ template <typename T, typename U>
   const int c = j * AF_COL_BLOCK + int(lid) * AF_N_READS;
   const size_t mat = size_t(b) * R;
   const bool momentum = h.flags & AF_MOMENTUM;
+  const AfStream p_stream = af_stream(h, args, step[0], AF_STREAM_PARAM);
+  const AfStream m_stream = af_stream(h, args, step[0], AF_STREAM_EXP_AVG);
 
   // Tensor scalars from the partials of every tile
   const float p2 = block_sum_parts(
@@ -276,14 +277,13 @@ template <typename T, typename U>
     for (int k = 0; k < AF_N_READS; ++k) {
       if (c + k < C) {
         const size_t e = base + c + k;
-        const float u =
-            adafactor_factored_update(rf, cf[k], static_cast<float>(g[e]));
-        float mv = momentum ? static_cast<float>(m[e]) : 0.0f;
-        const float pv = adafactor_apply(static_cast<float>(p[e]), u, mv, ts, h);
+        const float u = adafactor_factored_update(rf, cf[k], af_load(g, e));
+        float mv = momentum ? af_load(m, e) : 0.0f;
+        const float pv = adafactor_apply(af_load(p, e), u, mv, ts, h);
         if (momentum) {
-          m_out[e] = static_cast<T>(mv);
+          af_store(m_out, e, mv, m_stream);
         }
-        p_out[e] = static_cast<T>(pv);
+        af_store(p_out, e, pv, p_stream);
       }
     }
   }
@@ -291,18 +291,18 @@ template <typename T, typename U>
 
 // clang-format off
 #define instantiate_factored(pname, ptype, gname, gtype)                      \
-  instantiate_kernel("adafactor_factored_sums_" #pname "_" #gname,            \
-                     adafactor_factored_sums, ptype, gtype)                   \
-  instantiate_kernel("adafactor_factored_norm_" #pname "_" #gname,            \
-                     adafactor_factored_norm, ptype, gtype)                   \
-  instantiate_kernel("adafactor_factored_apply_" #pname "_" #gname,           \
-                     adafactor_factored_apply, ptype, gtype)
+  af_instantiate_kernel("adafactor_factored_sums_" #pname "_" #gname,         \
+                        adafactor_factored_sums, ptype, gtype)                \
+  af_instantiate_kernel("adafactor_factored_norm_" #pname "_" #gname,         \
+                        adafactor_factored_norm, ptype, gtype)                \
+  af_instantiate_kernel("adafactor_factored_apply_" #pname "_" #gname,        \
+                        adafactor_factored_apply, ptype, gtype)
 
 #define instantiate_factored_p(pname, ptype)                                  \
   instantiate_factored(pname, ptype, float32, float)                          \
   instantiate_factored(pname, ptype, float16, half)                           \
-  instantiate_factored(pname, ptype, bfloat16, bfloat16_t)
+  instantiate_factored(pname, ptype, bfloat16, af_bfloat16)
 
 instantiate_factored_p(float32, float)
 instantiate_factored_p(float16, half)
-instantiate_factored_p(bfloat16, bfloat16_t) // clang-format on
+instantiate_factored_p(bfloat16, af_bfloat16) // clang-format on

@@ -36,8 +36,8 @@ template <typename T, typename U>
     for (int k = 0; k < AF_N_READS; ++k) {
       const int e = e0 + k;
       if (e < hi) {
-        const float pv = static_cast<float>(p[e]);
-        const float gv = static_cast<float>(g[e]);
+        const float pv = af_load(p, e);
+        const float gv = af_load(g, e);
         p2 += pv * pv;
         const float sq = adafactor_ema(sq_old[e], adafactor_sq_grad(gv, h), s);
         sq_out[e] = sq;
@@ -84,6 +84,8 @@ template <typename T, typename U>
   const int lo = int(tgid.x) * AF_FLAT_BLOCK;
   const int hi = min(args.n, lo + AF_FLAT_BLOCK);
   const bool momentum = h.flags & AF_MOMENTUM;
+  const AfStream p_stream = af_stream(h, args, step[0], AF_STREAM_PARAM);
+  const AfStream m_stream = af_stream(h, args, step[0], AF_STREAM_EXP_AVG);
 
   // Tensor scalars from the partials of every block
   const float p2 = block_sum_parts(
@@ -102,13 +104,13 @@ template <typename T, typename U>
     for (int k = 0; k < AF_N_READS; ++k) {
       const int e = e0 + k;
       if (e < hi) {
-        const float u = adafactor_flat_update(sq[e], static_cast<float>(g[e]));
-        float mv = momentum ? static_cast<float>(m[e]) : 0.0f;
-        const float pv = adafactor_apply(static_cast<float>(p[e]), u, mv, ts, h);
+        const float u = adafactor_flat_update(sq[e], af_load(g, e));
+        float mv = momentum ? af_load(m, e) : 0.0f;
+        const float pv = adafactor_apply(af_load(p, e), u, mv, ts, h);
         if (momentum) {
-          m_out[e] = static_cast<T>(mv);
+          af_store(m_out, e, mv, m_stream);
         }
-        p_out[e] = static_cast<T>(pv);
+        af_store(p_out, e, pv, p_stream);
       }
     }
   }
@@ -116,16 +118,16 @@ template <typename T, typename U>
 
 // clang-format off
 #define instantiate_flat(pname, ptype, gname, gtype)                          \
-  instantiate_kernel("adafactor_flat_sums_" #pname "_" #gname,                \
-                     adafactor_flat_sums, ptype, gtype)                       \
-  instantiate_kernel("adafactor_flat_apply_" #pname "_" #gname,               \
-                     adafactor_flat_apply, ptype, gtype)
+  af_instantiate_kernel("adafactor_flat_sums_" #pname "_" #gname,             \
+                        adafactor_flat_sums, ptype, gtype)                    \
+  af_instantiate_kernel("adafactor_flat_apply_" #pname "_" #gname,            \
+                        adafactor_flat_apply, ptype, gtype)
 
 #define instantiate_flat_p(pname, ptype)                                      \
   instantiate_flat(pname, ptype, float32, float)                              \
   instantiate_flat(pname, ptype, float16, half)                               \
-  instantiate_flat(pname, ptype, bfloat16, bfloat16_t)
+  instantiate_flat(pname, ptype, bfloat16, af_bfloat16)
 
 instantiate_flat_p(float32, float)
 instantiate_flat_p(float16, half)
-instantiate_flat_p(bfloat16, bfloat16_t) // clang-format on
+instantiate_flat_p(bfloat16, af_bfloat16) // clang-format on

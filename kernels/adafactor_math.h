@@ -36,6 +36,45 @@
 #define AF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #endif
 
+// The bits of a float and back. as_type is Metal's reinterpreting cast,
+// written unqualified under `using namespace metal` as MLX's
+// mlx/backend/metal/kernels/bf16.h writes it: that parses whether the
+// compiler treats it as a builtin or as a member of namespace metal.
+#if defined(__METAL__)
+using namespace metal;
+AF_INLINE uint32_t af_float_bits(float x) {
+  return as_type<uint32_t>(x);
+}
+AF_INLINE float af_bits_float(uint32_t u) {
+  return as_type<float>(u);
+}
+#else
+inline uint32_t af_float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline float af_bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+#endif
+
+// bfloat16 is the top half of a float (NOTE: [bfloat16 storage] in
+// adafactor_kernels.h). To float exactly; from float rounded to nearest
+// even, any NaN as 0x7FC0: bit for bit csrc/cpu/types.h and MLX's CPU
+// bfloat16_t (tests/metal/test_metal_lint.py compares them).
+AF_INLINE float af_bf16_to_float(uint16_t bits) {
+  return af_bits_float(static_cast<uint32_t>(bits) << 16);
+}
+AF_INLINE uint16_t af_float_to_bf16(float v) {
+  const uint32_t u = af_float_bits(v);
+  const uint32_t rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+}
+
 // Numbers both compilers must agree on. The Metal launch plan and the kernels
 // read them from here; the CPU path uses the tile sizes.
 
@@ -214,26 +253,6 @@ AF_INLINE float adafactor_apply(
 // eager or compiled step, data-parallel rank, or a resumed run. The
 // rounding below is exact float32 arithmetic (every operation's result is
 // representable), so both produce bitwise the same values.
-
-#if defined(__METAL__)
-AF_INLINE AF_UINT af_float_bits(float x) {
-  return as_type<uint>(x);
-}
-AF_INLINE float af_bits_float(AF_UINT u) {
-  return as_type<float>(u);
-}
-#else
-AF_INLINE AF_UINT af_float_bits(float x) {
-  AF_UINT u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-AF_INLINE float af_bits_float(AF_UINT u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-#endif
 
 // MurmurHash3's finalizer: a bijection of 32-bit words with full avalanche.
 AF_INLINE AF_UINT adafactor_fmix32(AF_UINT x) {

@@ -36,11 +36,13 @@ template <typename T, typename U>
   const int R = args.rows;
   const int C = args.cols;
   const bool momentum = h.flags & AF_MOMENTUM;
+  const AfStream p_stream = af_stream(h, args, step[0], AF_STREAM_PARAM);
+  const AfStream m_stream = af_stream(h, args, step[0], AF_STREAM_EXP_AVG);
 
   // Sum p^2
   float p2 = 0.0f;
   for (int e = int(lid); e < n; e += AF_THREADS_PER_GROUP) {
-    const float pv = static_cast<float>(p[e]);
+    const float pv = af_load(p, e);
     p2 += pv * pv;
   }
 
@@ -48,7 +50,7 @@ template <typename T, typename U>
   for (int rr = int(lid); rr < B * R; rr += AF_THREADS_PER_GROUP) {
     float sum = 0.0f;
     for (int c = 0; c < C; ++c) {
-      sum += adafactor_sq_grad(static_cast<float>(g[rr * C + c]), h);
+      sum += adafactor_sq_grad(af_load(g, rr * C + c), h);
     }
     row_out[rr] = adafactor_ema(row_old[rr], sum * args.inv_cols, s);
   }
@@ -59,7 +61,7 @@ template <typename T, typename U>
     const int c = cc - b * C;
     float sum = 0.0f;
     for (int r = 0; r < R; ++r) {
-      sum += adafactor_sq_grad(static_cast<float>(g[(b * R + r) * C + c]), h);
+      sum += adafactor_sq_grad(af_load(g, (b * R + r) * C + c), h);
     }
     const float v = adafactor_ema(col_old[cc], sum * args.inv_rows, s);
     col_out[cc] = v;
@@ -90,7 +92,7 @@ template <typename T, typename U>
     const int rr = e / C;
     const int cc = (rr / R) * C + (e - rr * C);
     const float u = adafactor_factored_update(
-        row_fac[rr], col_fac[cc], static_cast<float>(g[e]));
+        row_fac[rr], col_fac[cc], af_load(g, e));
     u2 += u * u;
   }
   u2 = block_sum(u2, tmp, simd_lane, simd_gid);
@@ -103,13 +105,13 @@ template <typename T, typename U>
     const int rr = e / C;
     const int cc = (rr / R) * C + (e - rr * C);
     const float u = adafactor_factored_update(
-        row_fac[rr], col_fac[cc], static_cast<float>(g[e]));
-    float mv = momentum ? static_cast<float>(m[e]) : 0.0f;
-    const float pv = adafactor_apply(static_cast<float>(p[e]), u, mv, ts, h);
+        row_fac[rr], col_fac[cc], af_load(g, e));
+    float mv = momentum ? af_load(m, e) : 0.0f;
+    const float pv = adafactor_apply(af_load(p, e), u, mv, ts, h);
     if (momentum) {
-      m_out[e] = static_cast<T>(mv);
+      af_store(m_out, e, mv, m_stream);
     }
-    p_out[e] = static_cast<T>(pv);
+    af_store(p_out, e, pv, p_stream);
   }
 }
 
@@ -136,13 +138,15 @@ template <typename T, typename U>
       adafactor_step_scalars(step[0], learning_rate[0], h);
   const int n = args.n;
   const bool momentum = h.flags & AF_MOMENTUM;
+  const AfStream p_stream = af_stream(h, args, step[0], AF_STREAM_PARAM);
+  const AfStream m_stream = af_stream(h, args, step[0], AF_STREAM_EXP_AVG);
 
   // Update exp_avg_sq; sum p^2 and u^2
   float p2 = 0.0f;
   float u2 = 0.0f;
   for (int e = int(lid); e < n; e += AF_THREADS_PER_GROUP) {
-    const float pv = static_cast<float>(p[e]);
-    const float gv = static_cast<float>(g[e]);
+    const float pv = af_load(p, e);
+    const float gv = af_load(g, e);
     p2 += pv * pv;
     const float sq = adafactor_ema(sq_old[e], adafactor_sq_grad(gv, h), s);
     sq_out[e] = sq;
@@ -157,28 +161,28 @@ template <typename T, typename U>
 
   // Apply the update; each thread reads back the exp_avg_sq it wrote
   for (int e = int(lid); e < n; e += AF_THREADS_PER_GROUP) {
-    const float u = adafactor_flat_update(sq_out[e], static_cast<float>(g[e]));
-    float mv = momentum ? static_cast<float>(m[e]) : 0.0f;
-    const float pv = adafactor_apply(static_cast<float>(p[e]), u, mv, ts, h);
+    const float u = adafactor_flat_update(sq_out[e], af_load(g, e));
+    float mv = momentum ? af_load(m, e) : 0.0f;
+    const float pv = adafactor_apply(af_load(p, e), u, mv, ts, h);
     if (momentum) {
-      m_out[e] = static_cast<T>(mv);
+      af_store(m_out, e, mv, m_stream);
     }
-    p_out[e] = static_cast<T>(pv);
+    af_store(p_out, e, pv, p_stream);
   }
 }
 
 // clang-format off
 #define instantiate_small(pname, ptype, gname, gtype)                         \
-  instantiate_kernel("adafactor_small_factored_" #pname "_" #gname,           \
-                     adafactor_small_factored, ptype, gtype)                  \
-  instantiate_kernel("adafactor_small_flat_" #pname "_" #gname,               \
-                     adafactor_small_flat, ptype, gtype)
+  af_instantiate_kernel("adafactor_small_factored_" #pname "_" #gname,        \
+                        adafactor_small_factored, ptype, gtype)               \
+  af_instantiate_kernel("adafactor_small_flat_" #pname "_" #gname,            \
+                        adafactor_small_flat, ptype, gtype)
 
 #define instantiate_small_p(pname, ptype)                                     \
   instantiate_small(pname, ptype, float32, float)                             \
   instantiate_small(pname, ptype, float16, half)                              \
-  instantiate_small(pname, ptype, bfloat16, bfloat16_t)
+  instantiate_small(pname, ptype, bfloat16, af_bfloat16)
 
 instantiate_small_p(float32, float)
 instantiate_small_p(float16, half)
-instantiate_small_p(bfloat16, bfloat16_t) // clang-format on
+instantiate_small_p(bfloat16, af_bfloat16) // clang-format on

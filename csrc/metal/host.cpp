@@ -2,24 +2,41 @@
 // plan.h, whose kernels are in kernels/*.metal; other builds (CUDA) have no
 // GPU kernels, and the op runs the reference there (NOTE: [backend]).
 //
-// Only encoding lives here: which kernel runs on what grid with which
-// buffers is the plan's decision, and tests/metal runs the same plan on a
-// CPU emulation of Metal.
+// Only the library and the encoder live here: which kernel runs on what
+// grid with which buffers is the plan's decision, how it is bound is
+// encode_plan's (encode.h), and tests/metal runs both on a CPU emulation of
+// Metal.
+//
+// NOTE: [kernel library]
+// The kernels come from mlx_fused_adafactor.metallib next to the extension
+// when the build made one (it found a working Metal compiler), and
+// otherwise from the embedded source (kernel_source(): the same bytes the
+// .metallib is compiled from), compiled at first use through MLX's
+// Device::get_library(name, builder): the route MLX's own run-time compiled
+// kernels take, which needs only the Metal framework that every Mac has. A
+// .metallib that does not load (say, built for a newer macOS) falls back to
+// the source as well. prepare_kernels() then builds the pipeline of every
+// kernel at once, so that nothing can fail later inside eval_gpu, where an
+// exception would leave the user's parameters unevaluable; the op runs a
+// self-check of the kernels before the first step uses them
+// (NOTE: [self-check] in csrc/op/self_check.h).
 
 #include "metal/metal.h"
 
 #include <stdexcept>
 
 #ifdef _METAL_
-#include <dlfcn.h>
-
 #include <algorithm>
-#include <filesystem>
+#include <mutex>
+#include <optional>
+#include <unordered_map>
 
 #include "mlx/allocator.h"
+#include "mlx/backend/common/metal_kernel.h"
 #include "mlx/backend/gpu/copy.h"
 #include "mlx/backend/metal/device.h"
 
+#include "metal/encode.h"
 #include "metal/plan.h"
 #include "schema/slots.h"
 #endif
@@ -29,18 +46,6 @@ namespace mlx_fused_adafactor::metal {
 #ifdef _METAL_
 
 namespace {
-
-// The directory of this binary, where CMake installs the .metallib.
-std::string current_binary_dir() {
-  static std::string dir = []() {
-    Dl_info info;
-    if (!dladdr(reinterpret_cast<void*>(&current_binary_dir), &info)) {
-      throw std::runtime_error("[adafactor] cannot locate the extension.");
-    }
-    return std::filesystem::path(info.dli_fname).parent_path().string();
-  }();
-  return dir;
-}
 
 // MLX's name of a float dtype, as in the kernels' host names.
 std::string dtype_token(mx::Dtype t) {
@@ -89,14 +94,164 @@ void alloc_output(const mx::array* in, mx::array& out) {
   }
 }
 
+// The first lines of a compiler's message, for the one warning.
+std::string first_lines(const std::string& text, int n = 4) {
+  size_t end = 0;
+  for (int k = 0; k < n && end != std::string::npos; ++k) {
+    end = text.find('\n', end ? end + 1 : 0);
+  }
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// The library of each device, prepared once (NOTE: [kernel library]).
+struct Prepared {
+  KernelLibrary result;
+  MTL::Library* lib = nullptr;
+};
+
+std::mutex prepare_mutex;
+std::unordered_map<int, Prepared>& prepared() {
+  static std::unordered_map<int, Prepared> by_device;
+  return by_device;
+}
+
+MTL::Library* load_library(mx::metal::Device& d, KernelLibrary& r) {
+  std::string metallib_error;
+  const std::string metallib = metallib_path();
+  if (!metallib.empty()) {
+    try {
+      MTL::Library* lib = d.get_library(kLibraryName, extension_dir());
+      r.path = "metal-metallib";
+      return lib;
+    } catch (const std::exception& e) {
+      metallib_error = std::string(" after ") + metallib +
+          " did not load (" + first_lines(e.what(), 1) + ")";
+    }
+  }
+  // Safe math, as the .metallib is compiled (-fno-fast-math).
+  mx::CompileOptions options;
+  options.math_mode = mx::MathMode::Safe;
+  try {
+    MTL::Library* lib = d.get_library(kLibraryName, options, [] {
+      return std::string(kernel_source());
+    });
+    r.path = "metal-jit";
+    return lib;
+  } catch (const std::exception& e) {
+    r.why = "the Metal kernels did not compile" + metallib_error + ": " +
+        first_lines(e.what());
+    return nullptr;
+  }
+}
+
+Prepared prepare(mx::metal::Device& d) {
+  Prepared p;
+  p.lib = load_library(d, p.result);
+  if (!p.lib) {
+    return p;
+  }
+  for (const auto& name : kernel_names()) {
+    try {
+      MTL::ComputePipelineState* k = d.get_kernel(name, p.lib);
+      if (k->maxTotalThreadsPerThreadgroup() < AF_THREADS_PER_GROUP) {
+        p.result.why = "the pipeline of " + name + " allows " +
+            std::to_string(k->maxTotalThreadsPerThreadgroup()) +
+            " threads per threadgroup; the kernels need " +
+            std::to_string(AF_THREADS_PER_GROUP);
+        return p;
+      }
+    } catch (const std::exception& e) {
+      p.result.why = "the pipeline of " + name +
+          " could not be built: " + first_lines(e.what());
+      return p;
+    }
+  }
+  p.result.ready = true;
+  return p;
+}
+
+// The prepared library of the device of `s`; eval_gpu only runs after the
+// op found it ready (NOTE: [backend]).
+MTL::Library* library(const mx::Stream& s) {
+  std::lock_guard<std::mutex> lock(prepare_mutex);
+  auto it = prepared().find(s.device.index);
+  if (it == prepared().end() || !it->second.result.ready) {
+    throw std::runtime_error(
+        "[adafactor] the Metal kernels were not prepared for this device.");
+  }
+  return it->second.lib;
+}
+
+// encode_plan's target (encode.h): MLX's encoder and the step's arrays.
+struct MlxTarget {
+  mx::metal::Device& device;
+  MTL::Library* lib;
+  mx::metal::CommandEncoder& enc;
+  std::vector<mx::array>& inputs;
+  std::vector<mx::array>& outputs;
+  std::vector<mx::array>& scratch;
+  std::optional<mx::array> spare;
+
+  void set_kernel(const Dispatch& d) {
+    enc.set_compute_pipeline_state(device.get_kernel(d.kernel, lib));
+  }
+  mx::array& buffer(const Binding& b) {
+    switch (b.source) {
+      case Source::Input:
+        return inputs[b.array];
+      case Source::Output:
+        return outputs[b.array];
+      default:
+        return scratch[b.array];
+    }
+  }
+  bool empty(const mx::array& a) const {
+    return a.nbytes() == 0;
+  }
+  mx::array& placeholder() {
+    if (!spare) {
+      spare = mx::array({64}, mx::float32, nullptr, {});
+      spare->set_data(mx::allocator::malloc(spare->nbytes()));
+      enc.add_temporary(*spare);
+    }
+    return *spare;
+  }
+  void set_input_array(const mx::array& a, int index, int64_t offset) {
+    enc.set_input_array(a, index, offset);
+  }
+  void set_output_array(mx::array& a, int index, int64_t offset) {
+    enc.set_output_array(a, index, offset);
+  }
+  void set_bytes(const void* data, int64_t size, int index) {
+    enc.set_bytes(
+        static_cast<const uint8_t*>(data), static_cast<int>(size), index);
+  }
+  void dispatch_threadgroups(const Dispatch& d) {
+    enc.dispatch_threadgroups(
+        MTL::Size(d.grid[0], d.grid[1], d.grid[2]),
+        MTL::Size(d.group[0], d.group[1], d.group[2]));
+  }
+};
+
 } // namespace
 
 bool has_kernels() {
   return true;
 }
 
-bool kernels_ready(const mx::Stream&, std::string&) {
-  return true;
+KernelLibrary prepare_kernels(const mx::Stream& s) {
+  std::lock_guard<std::mutex> lock(prepare_mutex);
+  auto it = prepared().find(s.device.index);
+  if (it == prepared().end()) {
+    Prepared p;
+    try {
+      p = prepare(mx::metal::device(s.device));
+    } catch (const std::exception& e) {
+      p.result.why = std::string("the Metal device failed: ") + e.what();
+    }
+    it = prepared().emplace(s.device.index, std::move(p)).first;
+  }
+  return it->second.result;
 }
 
 void eval(
@@ -109,6 +264,7 @@ void eval(
   if (layout.size() == 0) {
     return;
   }
+  MTL::Library* lib = library(s);
   auto& d = mx::metal::device(s.device);
   auto& enc = mx::metal::get_command_encoder(s);
 
@@ -135,53 +291,18 @@ void eval(
   for (size_t o = 0; o < outputs.size(); ++o) {
     alloc_output(donor[o], outputs[o]);
   }
-  mx::array scratch(
-      {static_cast<int>(std::max<int64_t>(plan.scratch_bytes, 256) / 4)},
-      mx::float32,
-      nullptr,
-      {});
-  scratch.set_data(mx::allocator::malloc(scratch.nbytes()));
-  enc.add_temporary(scratch);
-
-  // Encode the plan: what a dispatch writes is bound as an output, the rest
-  // as inputs, so MLX orders the dispatches (NOTE: [buffer indices]). Empty
-  // arrays are never indexed; they are bound to the scratch buffer so that
-  // every declared index has a buffer.
-  auto lib = d.get_library(kLibraryName, current_binary_dir());
-  for (const auto& disp : plan.dispatches) {
-    enc.set_compute_pipeline_state(d.get_kernel(disp.kernel, lib));
-    for (const auto& b : disp.bindings) {
-      switch (b.source) {
-        case Source::Input:
-        case Source::Output: {
-          const mx::array& a = b.source == Source::Input ? ins[b.array]
-                                                         : outputs[b.array];
-          if (a.nbytes() == 0) {
-            enc.set_input_array(scratch, b.index);
-          } else if (b.writes()) {
-            enc.set_output_array(const_cast<mx::array&>(a), b.index);
-          } else {
-            enc.set_input_array(a, b.index);
-          }
-          break;
-        }
-        case Source::Scratch:
-          if (b.writes()) {
-            enc.set_output_array(scratch, b.index, b.offset);
-          } else {
-            enc.set_input_array(scratch, b.index, b.offset);
-          }
-          break;
-        case Source::Bytes:
-          enc.set_bytes(
-              b.bytes.data(), static_cast<int>(b.bytes.size()), b.index);
-          break;
-      }
-    }
-    enc.dispatch_threadgroups(
-        MTL::Size(disp.grid[0], disp.grid[1], disp.grid[2]),
-        MTL::Size(disp.group[0], disp.group[1], disp.group[2]));
+  // One scratch buffer per tensor that needs one (NOTE: [encoding order]).
+  std::vector<mx::array> scratch;
+  scratch.reserve(plan.scratch.size());
+  for (int64_t bytes : plan.scratch) {
+    scratch.push_back(
+        mx::array({static_cast<int>(bytes / 4)}, mx::float32, nullptr, {}));
+    scratch.back().set_data(mx::allocator::malloc(bytes));
+    enc.add_temporary(scratch.back());
   }
+
+  MlxTarget target{d, lib, enc, ins, outputs, scratch, std::nullopt};
+  encode_plan(plan, target);
 }
 
 #else
@@ -190,9 +311,10 @@ bool has_kernels() {
   return false;
 }
 
-bool kernels_ready(const mx::Stream&, std::string& why) {
-  why = "this build has no fused kernels for the GPU";
-  return false;
+KernelLibrary prepare_kernels(const mx::Stream&) {
+  KernelLibrary r;
+  r.why = "this build has no fused kernels for the GPU";
+  return r;
 }
 
 void eval(

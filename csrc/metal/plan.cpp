@@ -39,37 +39,54 @@ Binding output(int index, int64_t array, Access access = Access::Write) {
   return b;
 }
 
-Binding scratch(int index, int64_t offset, int64_t size, Access access) {
-  Binding b{index, Source::Scratch, access};
-  b.offset = offset;
-  b.size = size;
-  return b;
-}
-
-// Scratch of one tensor: regions laid out one after another.
+// The scratch buffer of one tensor (NOTE: [encoding order]): regions laid
+// out one after another in a buffer of its own, made on first use.
 class ScratchLayout {
  public:
-  explicit ScratchLayout(int64_t& total) : total_(total) {}
+  explicit ScratchLayout(Plan& plan) : plan_(plan) {}
+  Binding region(int index, int64_t offset, int64_t size, Access access) {
+    Binding b{index, Source::Scratch, access};
+    b.array = buffer_;
+    b.offset = offset;
+    b.size = size;
+    return b;
+  }
   int64_t add(int64_t bytes) {
-    int64_t off = total_;
-    total_ += ceil_div(std::max<int64_t>(bytes, kFloat), kScratchAlign) *
+    if (buffer_ < 0) {
+      buffer_ = static_cast<int64_t>(plan_.scratch.size());
+      plan_.scratch.push_back(0);
+    }
+    int64_t& total = plan_.scratch[buffer_];
+    const int64_t off = total;
+    const int64_t size =
+        ceil_div(std::max<int64_t>(bytes, kFloat), kScratchAlign) *
         kScratchAlign;
+    total += size;
+    plan_.scratch_bytes += size;
     return off;
   }
 
  private:
-  int64_t& total_;
+  Plan& plan_;
+  int64_t buffer_ = -1;
 };
 
-// The dispatches of one tensor.
+// The dispatches of one tensor, in order; make_plan interleaves the
+// tensors' lists (NOTE: [encoding order]).
 class TensorPlanner {
  public:
   TensorPlanner(
       Plan& plan,
+      std::vector<Dispatch>& out,
       const AdafactorHyper& h,
       const TensorDesc& x,
       int tensor)
-      : plan_(plan), h_(h), x_(x), tensor_(tensor), scratch_(plan.scratch_bytes) {
+      : plan_(plan),
+        out_(out),
+        h_(h),
+        x_(x),
+        tensor_(tensor),
+        scratch_(plan) {
     args_ = tensor_args(x.shape, small_);
     args_.key = x.key;
     momentum_ = x.slots.has(Entry::ExpAvg);
@@ -103,6 +120,7 @@ class TensorPlanner {
 
  private:
   Plan& plan_;
+  std::vector<Dispatch>& out_;
   const AdafactorHyper& h_;
   const TensorDesc& x_;
   int tensor_;
@@ -150,7 +168,11 @@ class TensorPlanner {
         d.bindings.begin(),
         d.bindings.end(),
         [](const Binding& l, const Binding& r) { return l.index < r.index; });
-    plan_.dispatches.push_back(std::move(d));
+    out_.push_back(std::move(d));
+  }
+
+  Binding scratch(int index, int64_t offset, int64_t size, Access access) {
+    return scratch_.region(index, offset, size, access);
   }
 
   void small_factored() {
@@ -282,7 +304,7 @@ AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small) 
   for (auto d : shape) {
     n *= d;
   }
-  if (n > INT32_MAX / 2) {
+  if (n > kMaxElements) {
     throw std::invalid_argument(
         "[adafactor] a tensor of " + std::to_string(n) +
         " elements is too large for the Metal kernels (32-bit indexing).");
@@ -327,10 +349,43 @@ AdafactorTensorArgs tensor_args(const std::vector<int64_t>& shape, bool& small) 
 
 Plan make_plan(const AdafactorHyper& h, const std::vector<TensorDesc>& tensors) {
   Plan plan;
+  std::vector<std::vector<Dispatch>> per_tensor(tensors.size());
+  size_t phases = 0;
   for (int t = 0; t < static_cast<int>(tensors.size()); ++t) {
-    TensorPlanner(plan, h, tensors[t], t).plan();
+    TensorPlanner(plan, per_tensor[t], h, tensors[t], t).plan();
+    phases = std::max(phases, per_tensor[t].size());
+  }
+  // NOTE: [encoding order]: the k-th dispatch of every tensor together.
+  for (size_t k = 0; k < phases; ++k) {
+    for (auto& ds : per_tensor) {
+      if (k < ds.size()) {
+        plan.dispatches.push_back(std::move(ds[k]));
+      }
+    }
   }
   return plan;
+}
+
+std::vector<std::string> kernel_names() {
+  static const char* kernels[] = {
+      "adafactor_factored_sums",
+      "adafactor_factored_norm",
+      "adafactor_factored_apply",
+      "adafactor_flat_sums",
+      "adafactor_flat_apply",
+      "adafactor_small_factored",
+      "adafactor_small_flat",
+  };
+  static const char* types[] = {"float32", "float16", "bfloat16"};
+  std::vector<std::string> names;
+  for (const char* k : kernels) {
+    for (const char* p : types) {
+      for (const char* g : types) {
+        names.push_back(std::string(k) + "_" + p + "_" + g);
+      }
+    }
+  }
+  return names;
 }
 
 } // namespace mlx_fused_adafactor::metal

@@ -10,6 +10,7 @@
 #include "mlx/ops.h"
 
 #include "cpu/cpu.h"
+#include "metal/plan.h"
 #include "op/backend.h"
 #include "op/primitive.h"
 #include "op/reference.h"
@@ -228,9 +229,37 @@ std::vector<mx::array> adafactor_step(
     if (!r.reason.empty()) {
       warn_once(
           "[adafactor] " + r.reason +
-          "; running the pure-MLX implementation of the same float32 math.");
+          (r.failed ? "; running the pure-MLX implementation of the same "
+                      "float32 math on this device for the rest of the "
+                      "process" + std::string(kReportHint)
+                    : "; running the pure-MLX implementation of the same "
+                      "float32 math."));
     }
     return reference_step(hyper, keys, in.inputs, stream);
+  }
+
+  // The Metal kernels index with 32 bits (metal::kMaxElements): a larger
+  // parameter takes its group to the reference here, not to a failure
+  // inside eval_gpu, after which the new parameters could not be evaluated.
+  if (stream.device != mx::Device::cpu) {
+    for (size_t i = 0; i < n; ++i) {
+      if (params[i].size() <= static_cast<size_t>(metal::kMaxElements)) {
+        continue;
+      }
+      const std::string why = "parameter '" + names[i] + "' has " +
+          std::to_string(params[i].size()) +
+          " elements, more than the Metal kernels index (" +
+          std::to_string(metal::kMaxElements) + ")";
+      if (current_backend() == Backend::Fused) {
+        throw std::invalid_argument(
+            "[adafactor] MLX_FUSED_ADAFACTOR_BACKEND=fused, but " + why + ".");
+      }
+      warn_once(
+          "[adafactor] " + why +
+          "; its dtype group runs the pure-MLX implementation of the same "
+          "float32 math.");
+      return reference_step(hyper, keys, in.inputs, stream);
+    }
   }
 
   // NOTE: [eager step]

@@ -2,10 +2,12 @@
 
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <mutex>
 #include <set>
 #include <stdexcept>
 
+#include "cpu/buffer_cache.h"
 #include "metal/metal.h"
 
 namespace mlx_fused_adafactor {
@@ -24,7 +26,44 @@ void print_warning(const std::string& message) {
 std::mutex warn_mutex;
 void (*warning_handler)(const std::string&) = print_warning;
 
+const char* device_name(const mlx::core::Device& d) {
+  return d == mlx::core::Device::cpu ? "cpu" : "gpu";
+}
+
+DeviceStatus find_status(const mlx::core::Stream& s) {
+  DeviceStatus st;
+  if (s.device == mlx::core::Device::cpu) {
+    st.path = "cpu";
+  } else {
+    const metal::KernelLibrary lib = metal::prepare_kernels(s);
+    st.path = lib.path;
+    if (!lib.ready) {
+      st.why = lib.why;
+      st.failed = metal::has_kernels();
+      return st;
+    }
+  }
+  st.check = self_check(s);
+  if (s.device == mlx::core::Device::cpu) {
+    // The check's outputs went through the CPU step's buffer cache; this
+    // is the first fused step of the process, so nothing else is there.
+    cpu::BufferCache::instance().clear();
+  }
+  st.ready = st.check.passed;
+  if (!st.ready) {
+    st.failed = true;
+    st.why = std::string("the fused kernels on the ") + device_name(s.device) +
+        " failed their self-check against the reference implementation (" +
+        st.check.failure + ")";
+  }
+  return st;
+}
+
 } // namespace
+
+const char* const kReportHint =
+    ". Please report it with the output of "
+    "`python -m mlx_fused_adafactor.check --json`.";
 
 const char* backend_name(Backend b) {
   switch (b) {
@@ -69,23 +108,35 @@ std::optional<Backend> set_backend_override(std::optional<Backend> b) {
   return b;
 }
 
+DeviceStatus device_status(const mlx::core::Stream& stream) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, DeviceStatus> found;
+  // Held while the first caller checks: the others wait for its answer.
+  std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<int, int> key{
+      static_cast<int>(stream.device.type), stream.device.index};
+  auto it = found.find(key);
+  if (it == found.end()) {
+    it = found.emplace(key, find_status(stream)).first;
+  }
+  return it->second;
+}
+
 Route route(const mlx::core::Stream& stream) {
   const Backend backend = current_backend();
   if (backend == Backend::Reference) {
     return {true, ""};
   }
-  if (stream.device == mlx::core::Device::cpu) {
-    return {false, ""};
-  }
-  std::string why;
-  if (metal::kernels_ready(stream, why)) {
-    return {false, ""};
+  const DeviceStatus st = device_status(stream);
+  if (st.ready) {
+    return {false, "", false};
   }
   if (backend == Backend::Fused) {
     throw std::runtime_error(
-        std::string("[adafactor] ") + kVariable + "=fused, but " + why);
+        std::string("[adafactor] ") + kVariable + "=fused, but " + st.why +
+        (st.failed ? kReportHint : ""));
   }
-  return {true, why};
+  return {true, st.why, st.failed};
 }
 
 void warn_once(const std::string& message) {

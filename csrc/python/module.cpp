@@ -5,6 +5,8 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include "mlx/utils.h"
+
 #include "mlx/version.h"
 
 #include "cpu/buffer_cache.h"
@@ -68,6 +70,67 @@ NB_MODULE(_ext, m) {
       "name"_a.none(),
       "Override the backend (None: back to the variable); returns the "
       "previous override.");
+
+  // NOTE: [self-check], NOTE: [kernel library]: what
+  // `python -m mlx_fused_adafactor.check` reports.
+  m.def(
+      "device_status",
+      [](const std::string& device) {
+        if (device != "cpu" && device != "gpu") {
+          throw nb::value_error("[adafactor] device must be 'cpu' or 'gpu'.");
+        }
+        const mlx::core::Device d =
+            device == "cpu" ? mlx::core::Device::cpu : mlx::core::Device::gpu;
+        af::DeviceStatus st;
+        {
+          nb::gil_scoped_release release;
+          st = af::device_status(mlx::core::default_stream(d));
+        }
+        nb::dict check;
+        check["passed"] = st.check.passed;
+        check["cases"] = st.check.cases;
+        check["outputs"] = st.check.outputs;
+        check["max_error"] = st.check.max_error;
+        check["max_error_vs_tolerance"] = st.check.max_error_vs_tolerance;
+        check["seconds"] = st.check.seconds;
+        check["failure"] = st.check.failure;
+        nb::dict out;
+        out["ready"] = st.ready;
+        out["path"] = st.path;
+        out["why"] = st.why;
+        out["failed"] = st.failed;
+        out["self_check"] = check;
+        return out;
+      },
+      "device"_a,
+      "Whether the fused kernels of `device` ('cpu' or 'gpu') are ready, "
+      "where they come from and how their self-check went; the first call "
+      "for a device runs the check.");
+  m.def(
+      "self_check_tolerances",
+      [] {
+        nb::dict d;
+        d["float32"] = af::self_check_tolerance(mlx::core::float32);
+        d["float16"] = af::self_check_tolerance(mlx::core::float16);
+        d["bfloat16"] = af::self_check_tolerance(mlx::core::bfloat16);
+        d["state"] = af::self_check_state_tolerance();
+        return d;
+      },
+      "The self-check's tolerance per storage dtype, and of the float32 "
+      "state entries.");
+  m.def(
+      "kernel_source",
+      [] { return std::string(af::metal::kernel_source()); },
+      "The Metal kernel source compiled into the extension.");
+  m.attr("kernel_source_sha256") = af::metal::kernel_source_sha256();
+  m.def(
+      "metallib_path",
+      []() -> std::optional<std::string> {
+        std::string p = af::metal::metallib_path();
+        return p.empty() ? std::nullopt : std::optional<std::string>(p);
+      },
+      "The .metallib installed next to the extension, if any; without one "
+      "a Mac compiles kernel_source() at first use.");
 
   m.def(
       "num_threads",

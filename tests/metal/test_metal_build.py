@@ -1,7 +1,17 @@
-"""macOS build wiring, on Linux: the project configured with the Metal
-library on and a stand-in `xcrun` (xcrun_standin.py) that lints each
-kernel and writes placeholder AIR and metallib files."""
+"""The build as macOS runs it, on Linux, with a stand-in `xcrun`
+(xcrun_standin.py) that plays a Mac with the Command Line Tools alone (no
+Metal compiler), an Xcode 26 without its Metal Toolchain, or a working
+Metal compiler.
 
+CMake is configured with MFA_BUILD_METALLIB=AUTO, the default where MLX has
+Metal: it probes the compiler, and without one it builds everything but the
+.metallib and says so in one status line; the installed extension then
+compiles its embedded source at run time. With a compiler, the .metallib is
+built from that same source and installed next to the extension, which
+prefers it. And the emulator compiles the bytes that ship."""
+
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -14,76 +24,154 @@ import pytest
 from emu import build
 from mlx_fused_adafactor._build import ext
 
+sys.path.insert(0, str(build.ROOT / "tests"))
+
+import xcrun_standin  # noqa: E402
+from support import variants  # noqa: E402
+
 # The library's name (metal::kLibraryName, csrc/metal/plan.h).
 LIBRARY = "mlx_fused_adafactor"
-
 HERE = Path(__file__).resolve().parent
+PROBE_FAILED = re.compile(
+    r"-- mlx_fused_adafactor: no \.metallib \(the Metal compiler failed: "
+    r"(.*)\); the kernels will be compiled at run time from the embedded "
+    r"source\n")
+PROBE_OK = ("-- mlx_fused_adafactor: Metal compiler found; building "
+            "mlx_fused_adafactor.metallib\n")
 
 
-def tool(name):
-    """`name` from the test environment's own bin directory (setup.sh may
-    pip-install it there), else from PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
+def standin_env(tmp, mode):
+    """The environment of a build whose `xcrun` is the stand-in in `mode`."""
+    bindir = Path(tmp) / "bin"
+    bindir.mkdir(exist_ok=True)
+    xcrun = bindir / "xcrun"
+    xcrun.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "xcrun_standin.py"}" "$@"\n')
+    xcrun.chmod(0o755)
+    return dict(os.environ, XCRUN_STANDIN=mode,
+                PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def cmake(*args, env):
+    proc = subprocess.run([variants.tool("cmake"), *map(str, args)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def configure(bdir, env):
+    return cmake("-S", build.ROOT, "-B", bdir, "-G", "Ninja",
+                 f"-DCMAKE_MAKE_PROGRAM={variants.tool('ninja')}",
+                 f"-DPython_EXECUTABLE={sys.executable}",
+                 "-DMFA_BUILD_METALLIB=AUTO", env=env)
+
+
+def install(bdir, prefix, env):
+    """Install the build into `prefix` as the wheel lays it out: the
+    extension (and the .metallib, if any) next to the Python package."""
+    shutil.rmtree(prefix, ignore_errors=True)
+    cmake("--install", bdir, "--prefix", prefix, env=env)
+    package = prefix / "mlx_fused_adafactor"
+    for src in variants.PACKAGE.rglob("*.py"):
+        dest = package / src.relative_to(variants.PACKAGE)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+    return package
+
+
+def what_the_extension_loads(prefix):
+    """Ask the installed package, in a process of its own, where a Mac
+    would take its kernels from."""
+    code = ("import json, mlx_fused_adafactor as m; print(json.dumps("
+            "{'metallib': m._ext.metallib_path(), "
+            "'sha256': m._ext.kernel_source_sha256, "
+            "'file': m._ext.__file__}))")
+    env = dict(os.environ, PYTHONPATH=str(prefix))
+    proc = subprocess.run([sys.executable, "-c", code], env=env,
+                          capture_output=True, text=True, cwd=prefix)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
 
 
 @pytest.fixture(scope="module")
-def configured(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("metal-build")
-    bindir = tmp / "bin"
-    bindir.mkdir()
-    xcrun = bindir / "xcrun"
-    xcrun.write_text(
-        f'#!/bin/sh\nexec "{sys.executable}" "{HERE / "xcrun_standin.py"}" "$@"\n'
-    )
-    xcrun.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
-    bdir = tmp / "build"
-    cmake = tool("cmake")
-    assert cmake, "no cmake: run tests/metal/setup.sh"
-    ninja = tool("ninja")
-    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-    cmd = [
-        cmake, "-S", str(build.ROOT), "-B", str(bdir), *gen,
-        "-DMFA_BUILD_METALLIB=ON", f"-DPython_EXECUTABLE={sys.executable}",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    proc = subprocess.run(
-        [cmake, "--build", str(bdir), "--target",
-         "mlx_fused_adafactor_metallib"],
-        env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    prefix = tmp / "prefix"
-    proc = subprocess.run(
-        [cmake, "--install", str(bdir), "--component", "metallib",
-         "--prefix", str(prefix)],
-        env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return bdir, prefix
+def mac_builds():
+    """One build directory, configured and built as on a Mac with the
+    Command Line Tools alone, installed; then configured again as on a Mac
+    with a Metal compiler, built and installed. Returns what each configure
+    printed and each install prefix. Cached under build/metal-emu by a
+    digest of the sources (as tests/support/variants.py caches its builds)."""
+    h = hashlib.sha256()
+    for f in variants._sources() + sorted((HERE / "emu").rglob("*.py")) + [
+            HERE / "xcrun_standin.py"]:
+        h.update(str(f).encode())
+        h.update(f.read_bytes())
+    h.update(repr((sys.executable, os.environ.get("CXX"))).encode())
+    tmp = build.CACHE / f"mac-build-{h.hexdigest()[:16]}"
+    out = {"clt_prefix": tmp / "clt", "ok_prefix": tmp / "ok"}
+    if not (tmp / "complete").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        bdir = tmp / "build"
+        env = standin_env(tmp, "clt")
+        (tmp / "clt_configure").write_text(configure(bdir, env))
+        cmake("--build", bdir, "-j", "2", env=env)
+        install(bdir, out["clt_prefix"], env)
+        env = standin_env(tmp, "ok")
+        (tmp / "ok_configure").write_text(configure(bdir, env))
+        cmake("--build", bdir, "-j", "2", env=env)
+        install(bdir, out["ok_prefix"], env)
+        # The installs are what the tests look at.
+        shutil.rmtree(bdir)
+        (tmp / "complete").write_text("")
+    for name in ("clt_configure", "ok_configure"):
+        out[name] = (tmp / name).read_text()
+    return out
 
 
-def test_every_kernel_file_is_compiled_into_the_library(configured):
-    bdir, _ = configured
-    lib = bdir / f"{LIBRARY}.metallib"
-    listed = lib.read_text().splitlines()[1:]
-    assert sorted(listed) == sorted(str(f) for f in build.kernel_files())
+def test_the_emulator_compiles_the_bytes_that_ship():
+    text = build.kernel_source()
+    assert text == ext.kernel_source()
+    assert hashlib.sha256(text.encode()).hexdigest() == ext.kernel_source_sha256
+    # Self-contained: the only include left is <metal_stdlib>.
+    includes = re.findall(r"^\s*#\s*include\s*(\S+)", text, re.M)
+    metal_side = [i for i in includes if i not in ("<cmath>", "<cstdint>",
+                                                   "<cstring>")]
+    assert metal_side == ["<metal_stdlib>"]
 
 
-def test_library_is_installed_beside_the_extension(configured):
-    bdir, prefix = configured
-    installed = prefix / "mlx_fused_adafactor" / f"{LIBRARY}.metallib"
+def test_without_a_metal_compiler_the_build_succeeds_without_metallib(
+        mac_builds):
+    lines = PROBE_FAILED.findall(mac_builds["clt_configure"])
+    assert lines == [xcrun_standin.FAILURES["clt"]]
+    package = mac_builds["clt_prefix"] / "mlx_fused_adafactor"
+    assert not (package / f"{LIBRARY}.metallib").exists()
+    loads = what_the_extension_loads(mac_builds["clt_prefix"])
+    assert Path(loads["file"]).parent == package
+    # No .metallib: a Mac compiles the embedded source at run time.
+    assert loads["metallib"] is None
+    assert loads["sha256"] == ext.kernel_source_sha256
+
+
+def test_with_a_metal_compiler_the_metallib_is_installed_and_preferred(
+        mac_builds):
+    assert PROBE_OK in mac_builds["ok_configure"]
+    assert not PROBE_FAILED.search(mac_builds["ok_configure"])
+    package = mac_builds["ok_prefix"] / "mlx_fused_adafactor"
+    installed = package / f"{LIBRARY}.metallib"
     assert installed.is_file()
-    # The extension's destination, as CMake would install it.
-    script = (bdir / "cmake_install.cmake").read_text()
-    ext_dest = re.search(
-        r'file\(INSTALL DESTINATION "\$\{CMAKE_INSTALL_PREFIX\}/([^"]+)" '
-        r'TYPE MODULE FILES "[^"]*_ext[^"]*"\)', script)
-    assert ext_dest, "no install rule for the extension"
-    assert prefix / ext_dest.group(1) == installed.parent
-    # The installed package is laid out the same way: the host looks for
-    # the library in the directory of the extension binary.
-    assert Path(ext.__file__).parent.name == installed.parent.name
+    loads = what_the_extension_loads(mac_builds["ok_prefix"])
+    assert Path(loads["file"]).parent == package
+    assert loads["metallib"] == str(installed)
+    # Compiled from the one flattened source, the bytes the extension
+    # embeds.
+    sources = installed.read_text().splitlines()[1:]
+    assert len(sources) == 1
+    assert sources[0].split()[1] == ext.kernel_source_sha256
+
+
+def test_an_xcode_without_its_metal_toolchain_configures(tmp_path):
+    out = configure(tmp_path / "build", standin_env(tmp_path, "toolchain"))
+    assert PROBE_FAILED.findall(out) == [xcrun_standin.FAILURES["toolchain"]]
 
 
 def test_a_kernel_the_lint_rejects_fails_the_build(tmp_path):

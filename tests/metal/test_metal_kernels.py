@@ -2,11 +2,14 @@
 emulation of Metal, against the CPU primitive, stock MLX Adafactor and a
 float64 reference."""
 
+import subprocess
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from emu import harness, oracle
+from emu import build, harness, oracle
 
 # Sizes around the kernels' edges: 1, a simdgroup (32) and one off, the
 # small-tensor limit (4096) and past it, rows and columns of one, several
@@ -159,3 +162,53 @@ def test_donated_buffers_and_determinism(emu_run):
         assert mx.array_equal(a[0][k], b[0][k]).item(), SHAPES[k]
         for x, y in zip(a[1][k], b[1][k]):
             assert mx.array_equal(x, y).item(), SHAPES[k]
+
+
+def test_bfloat16_conversions_are_the_cpu_paths(tmp_path):
+    """NOTE: [bfloat16 storage]: the kernels round to bfloat16 exactly as
+    the CPU path (and so MLX's own bfloat16_t) does."""
+    exe = tmp_path / "bf16_check"
+    subprocess.run(
+        [build.cxx(), "-O1", "-std=c++17", f"-I{build.KERNELS}",
+         f"-I{build.CSRC}", str(Path(__file__).parent / "cpp" / "bf16_check.cpp"),
+         "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert out.returncode == 0 and "mismatches: 0" in out.stdout, out.stdout
+
+
+# NOTE: [stochastic rounding]: on 1-D tensors with a fixed learning rate, no
+# parameter scaling and a clip threshold the update never reaches, every
+# element's float32 result is elementwise math of its own inputs, the same
+# on both paths; the kernels then store bitwise what the CPU path stores.
+SR_OPTIONS = {"stochastic_rounding": True, "beta_1": 0.9, "relative_step": False,
+              "learning_rate": 1e-3, "scale_parameter": False,
+              "clip_threshold": 1e30}
+SR_SHAPES = [(1,), (33,), (1025,), (4099,), (9000,), (20000,)]
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_stochastic_rounding_bitwise_the_cpu_paths(emu_run, dtype):
+    params, grads, states = make_problem(dtype, dtype, SR_OPTIONS, seed=4,
+                                         shapes=SR_SHAPES)
+    hyper = hyper_of(SR_OPTIONS)
+    ep, es = harness.run_step(emu_run, 3, 1e-3, params, grads[0], states, hyper)
+    cp, cs = oracle.cpu_step(3, 1e-3, params, grads[0], states, hyper)
+    nearest = oracle.cpu_step(3, 1e-3, params, grads[0], states,
+                              hyper_of({**SR_OPTIONS, "stochastic_rounding": False}))
+    moved = 0
+    for k, shape in enumerate(SR_SHAPES):
+        for a, b, what in [(ep[k], cp[k], "param"), (es[k][-1], cs[k][-1], "exp_avg")]:
+            assert mx.array_equal(a.view(mx.uint16), b.view(mx.uint16)).item(), (
+                f"{shape} {what}")
+        moved += int(mx.sum(ep[k] != nearest[0][k]).item())
+    # Rounded stochastically, not to nearest.
+    assert moved > 0
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["float16", "bfloat16"])
+def test_stochastic_rounding_on_every_kernel_matches_cpu(emu_run, dtype):
+    """Every shape of SHAPES (every kernel and launch shape): results within
+    the tolerances of the other modes (their float32 values differ by the
+    order of sums, so a rounding may land one unit apart)."""
+    options = {"stochastic_rounding": True, "beta_1": 0.9, "weight_decay": 0.01}
+    run_both(emu_run, dtype, dtype, options)

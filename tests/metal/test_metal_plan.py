@@ -103,17 +103,41 @@ def test_grids_cover_every_element_once(emu_run):
 
 
 def test_scratch_regions_are_disjoint_and_in_bounds(emu_run):
+    """Each tensor that needs scratch has a buffer of its own (NOTE:
+    [encoding order]); its regions are aligned, disjoint and inside it."""
     p = plan(emu_run, SHAPES, beta_1=0.9)
-    regions = set()
+    assert sum(p["scratch"]) == p["scratch_bytes"]
+    regions, owner = {}, {}
     for d in p["dispatches"]:
         for b in d["bindings"]:
             if b["source"] == "scratch":
+                buf = b["array"]
+                assert owner.setdefault(buf, d["tensor"]) == d["tensor"]
                 assert b["offset"] % 256 == 0
-                assert b["offset"] + b["size"] <= p["scratch_bytes"]
-                regions.add((b["offset"], b["size"]))
-    spans = sorted(regions)
-    for (o1, s1), (o2, _) in zip(spans, spans[1:]):
-        assert o1 + s1 <= o2
+                assert b["offset"] + b["size"] <= p["scratch"][buf]
+                regions.setdefault(buf, set()).add((b["offset"], b["size"]))
+    assert sorted(regions) == list(range(len(p["scratch"])))
+    for spans in regions.values():
+        spans = sorted(spans)
+        for (o1, s1), (o2, _) in zip(spans, spans[1:]):
+            assert o1 + s1 <= o2
+
+
+@pytest.mark.parametrize("momentum", [False, True])
+def test_mlx_puts_one_barrier_between_phases(emu_run, momentum):
+    """NOTE: [encoding order]: dispatches are encoded by phase, and MLX's
+    encoder (as the emulator models it from the bindings encode_plan
+    makes) separates the phases by one barrier each and nothing else."""
+    p = plan(emu_run, SHAPES, beta_1=0.9 if momentum else None)
+    phase, seen = [], {}
+    for d in p["dispatches"]:
+        seen[d["tensor"]] = seen.get(d["tensor"], -1) + 1
+        phase.append(seen[d["tensor"]])
+    assert phase == sorted(phase), "dispatches are not encoded by phase"
+    barriers = [d["barrier"] for d in p["dispatches"]]
+    starts = [k > 0 and phase[k] != phase[k - 1] for k in range(len(phase))]
+    assert barriers == starts
+    assert sum(barriers) == 2
 
 
 def test_large_factored_tensor_moves_about_six_times_its_bytes(emu_run):

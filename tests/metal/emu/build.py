@@ -1,12 +1,18 @@
-"""Compile the unchanged kernels/*.metal for the CPU emulation of Metal.
+"""Compile the kernel source that ships for the CPU emulation of Metal.
+
+The source is the one the package embeds and compiles into its .metallib:
+cmake/embed_metal.py flattens kernels/*.metal and their headers into it,
+here as in the CMake build, so the emulator compiles the same bytes
+(tests/metal/test_metal_build.py compares their SHA-256 with the one the
+installed extension carries).
 
 Modes: 'run' (every dtype), 'tsan' and 'asan' (float32 instantiations only,
-under ThreadSanitizer / AddressSanitizer), each one executable: the kernels
-and gpu.cpp (the emulated GPU, compiled as Metal against the test doubles of
-include/), and host.cpp with the package's launch plan (csrc/metal,
-csrc/schema, compiled as the host C++ it is); and `lint`, clang
--fsyntax-only with Metal's address spaces. Builds are cached under
-build/metal-emu by a hash of their inputs.
+under ThreadSanitizer / AddressSanitizer), each one executable: the
+rewritten source and gpu.cpp (the emulated GPU), compiled as Metal against
+the test doubles of include/, and host.cpp with the package's launch plan
+and encoding (csrc/metal, csrc/schema), compiled as the host C++ it is; and
+`lint`, clang -fsyntax-only with Metal's address spaces. Builds are cached
+under build/metal-emu by a hash of their inputs.
 """
 
 import hashlib
@@ -16,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import importlib.util
+
 from .rewrite import rewrite
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +31,17 @@ ROOT = HERE.parents[2]
 KERNELS = ROOT / "kernels"
 CSRC = ROOT / "csrc"
 INCLUDE = HERE / "include"
+GENERATOR = ROOT / "cmake" / "embed_metal.py"
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("embed_metal", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+embed_metal = _generator()
 # The package's host code of the Metal path, compiled into the emulator.
 HOST_SOURCES = [
     HERE / "host.cpp",
@@ -42,8 +61,10 @@ COMMON = [
     "-ffp-contract=off",
     "-Wall",
     # [[buffer(n)]] and friends are read by the rewrite, then removed; the
-    # ones left are inside instantiate_kernel.
+    # ones left are in the kernels' own af_instantiate_kernel.
     "-Wno-attributes",
+    # The kernel source's `#pragma clang diagnostic`.
+    "-Wno-unknown-pragmas",
 ]
 MODES = {
     "run": ["-O1"],
@@ -79,6 +100,14 @@ LINT = [
 
 def kernel_files():
     return sorted(KERNELS.glob("*.metal"))
+
+
+def kernel_source(sources=None, include_dirs=()):
+    """The flattened kernel source of `sources` (default: kernels/*.metal,
+    which is what the package ships), as the CMake build makes it."""
+    return embed_metal.flatten(
+        [Path(s) for s in (sources or kernel_files())],
+        [*map(Path, include_dirs), KERNELS], root=ROOT)
 
 
 def cxx():
@@ -120,10 +149,10 @@ def mlx_include():
     return Path(mlx.core.__file__).parent / "include"
 
 
-def _inputs(sources):
-    deps = list(sources) + [HERE / "gpu.cpp", HERE / "emu.h", HERE / "rewrite.py"]
-    deps += HOST_SOURCES + list((CSRC / "metal").glob("*.h"))
-    deps += list((CSRC / "schema").glob("*.h"))
+def _host_inputs():
+    """Everything the host objects and gpu.cpp are compiled from."""
+    deps = [HERE / "gpu.cpp", HERE / "emu.h", HERE / "encoder.h", *HOST_SOURCES]
+    deps += list((CSRC / "metal").glob("*.h")) + list((CSRC / "schema").glob("*.h"))
     deps += list(INCLUDE.rglob("*")) + list(KERNELS.glob("*.h"))
     return [p for p in deps if Path(p).is_file()]
 
@@ -137,67 +166,88 @@ def _check(proc, what):
         raise RuntimeError(f"{what} failed:\n{proc.stderr[-6000:]}")
 
 
+# Object files compiled from the one kernel source, each with every
+# SHARDS-th instantiation (emu_runtime.h), so that two compilers share it.
+SHARDS = {"run": 2, "tsan": 1, "asan": 1}
+
+
+def _compile(units, what):
+    """Compile the (flags, source, object) units whose object is missing,
+    two compilers at a time (the machine has two cores); each object is
+    written under a temporary name first, so a cached one is complete."""
+    todo = [u for u in units if not u[2].exists()]
+    for k in range(0, len(todo), 2):
+        procs = []
+        for flags, src, obj in todo[k:k + 2]:
+            obj.parent.mkdir(parents=True, exist_ok=True)
+            tmp = obj.with_name(obj.name + f".tmp{os.getpid()}")
+            # From the root: the kernel source's #line paths are relative
+            # to it, and so then are the debug line tables.
+            procs.append((src, obj, tmp, subprocess.Popen(
+                [cxx(), *flags, "-c", str(src), "-o", str(tmp)], cwd=ROOT,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        for src, obj, tmp, proc in procs:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"compiling {src} ({what}) failed:\n{err[-6000:]}")
+            tmp.replace(obj)
+
+
 def build(mode, sources=None, include_dirs=()):
     """Path of the emulator executable for `mode` with the kernels of
-    `sources` (default: kernels/*.metal), compiling it if needed."""
+    `sources` (default: kernels/*.metal), compiling what is not cached: the
+    host objects and the emulated GPU are shared by every kernel source."""
     sources = [Path(s) for s in (sources or kernel_files())]
+    text = kernel_source(sources, include_dirs)
     flags = COMMON + MODES[mode]
-    incs = [f"-I{d}" for d in include_dirs] + [f"-I{INCLUDE}", f"-I{KERNELS}"]
-    key = _digest(_inputs(sources), (cxx(), flags, incs))
-    out = CACHE / f"{mode}-{key}"
-    exe = out / "emu_runner"
-    if exe.exists():
-        return exe
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    # (compile flags, source) per object: the kernels and the emulated GPU
-    # as Metal, the host side as plain C++ against MLX's headers.
-    units = []
-    for src in sources:
-        gen = tmp / (src.stem + ".cpp")
-        gen.write_text(rewrite(src.read_text(), str(src), "run"))
-        units.append((flags + incs, gen))
-    units.append((flags + incs, HERE / "gpu.cpp"))
+    incs = [f"-I{INCLUDE}"]
+    host_key = _digest(_host_inputs(), (cxx(), flags))
+    kernel_key = _digest([HERE / "rewrite.py", *INCLUDE.rglob("*")],
+                         (cxx(), flags, text))
+    objects = CACHE / "objects"
+    # The kernels and the emulated GPU as Metal, the host side as plain C++
+    # against MLX's headers.
+    shards = SHARDS[mode]
+    gen = objects / f"{mode}-kernels-{kernel_key}.cpp"
+    units = [(flags + incs + [f"-DEMU_SHARDS={shards}", f"-DEMU_SHARD={k}"],
+              gen, objects / f"{mode}-kernels-{kernel_key}-{k}.o")
+             for k in range(shards)]
+    units.append((flags + incs, HERE / "gpu.cpp",
+                  objects / f"{mode}-gpu-{host_key}.o"))
     host_flags = [f for f in flags if f != "-D__METAL__"] + [
         f"-I{HERE}", f"-I{CSRC}", f"-I{KERNELS}", f"-I{mlx_include()}"]
-    units += [(host_flags, src) for src in HOST_SOURCES]
-    procs, objs = [], []
-    # Two compilers at a time: the machine has two cores.
-    for k, (unit_flags, unit) in enumerate(units):
-        obj = tmp / f"{k}_{unit.stem}.o"
-        objs.append(obj)
-        procs.append(
-            (unit, subprocess.Popen(
-                [cxx(), *unit_flags, "-c", str(unit), "-o", str(obj)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        )
-        if len(procs) >= 2 or k == len(units) - 1:
-            for u, p in procs:
-                _, err = p.communicate()
-                if p.returncode != 0:
-                    raise RuntimeError(f"compiling {u} ({mode}) failed:\n{err[-6000:]}")
-            procs = []
-    _check(
-        _run([cxx(), *flags, *map(str, objs), "-o", str(tmp / "emu_runner")]),
-        f"linking the {mode} emulator",
-    )
-    if out.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    units += [(host_flags, src, objects / f"{mode}-{src.stem}-{host_key}.o")
+              for src in HOST_SOURCES]
+    exe = CACHE / f"{mode}-{_digest([], [str(u[2]) for u in units])}" / "emu_runner"
+    if exe.exists():
+        return exe
+    if not all(obj.exists() for _, src, obj in units if src == gen):
+        objects.mkdir(parents=True, exist_ok=True)
+        gen.write_text(rewrite(text, "kernel_source.metal", "run"))
+    _compile(units, mode)
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    tmp = exe.with_name(f"emu_runner.tmp{os.getpid()}")
+    _check(_run([cxx(), *flags, *[str(u[2]) for u in units], "-o", str(tmp)]),
+           f"linking the {mode} emulator")
+    tmp.replace(exe)
     return exe
 
 
 def lint(source, include_dirs=()):
-    """clang -fsyntax-only on the lint rewrite of `source`; the process."""
-    source = Path(source)
+    """clang -fsyntax-only on the lint rewrite of the flattened `source`
+    (a .metal file, with the headers it includes); the process."""
+    return lint_text(kernel_source([source], include_dirs),
+                     f"{Path(source).stem}-{os.getpid()}")
+
+
+def lint_text(text, name="kernel_source"):
+    """clang -fsyntax-only on the lint rewrite of a flattened kernel source;
+    the process."""
     gen_dir = CACHE / "lint"
     gen_dir.mkdir(parents=True, exist_ok=True)
-    gen = gen_dir / f"{source.stem}-{os.getpid()}-{_digest([source], 'lint')}.cpp"
-    gen.write_text(rewrite(source.read_text(), str(source), "lint"))
-    # The test doubles first: they stand in for MLX's own kernel headers.
-    incs = [f"-I{INCLUDE}"] + [f"-I{d}" for d in include_dirs] + [f"-I{KERNELS}"]
-    proc = _run([*clang(), *LINT, *incs, str(gen)])
+    gen = gen_dir / f"{name}-{os.getpid()}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.cpp"
+    gen.write_text(rewrite(text, "kernel_source.metal", "lint"))
+    proc = _run([*clang(), *LINT, f"-I{INCLUDE}", str(gen)])
     gen.unlink()
     return proc

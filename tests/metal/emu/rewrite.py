@@ -1,17 +1,24 @@
-"""Source rewrite of a .metal file into C++ for the emulation.
+"""Source rewrite of the kernel source into C++ for the emulation.
 
-Only what one macro cannot do is rewritten; every line keeps its number and
-a `#line` directive names the .metal file, so compiler errors point at the
-kernel source:
+The input is the flattened source the package ships (cmake/embed_metal.py),
+whose `#line` directives name the .metal files. Only what one macro cannot
+do is rewritten, and every line keeps its number, so compiler errors and
+sanitizer reports point at the kernel source:
 
-* `threadgroup T x[N];` at the start of a statement declares shared storage:
-  it becomes `static threadgroup T x[N];` (the macro `threadgroup` then
-  qualifies the static, or the pointer in a parameter).
+* The emulator's prelude (include/emu_prelude.h) is included first.
+* `threadgroup T x[N];` at the start of a statement declares storage shared
+  by the threads of a threadgroup. In run mode it becomes a reference to
+  the running group's copy, `threadgroup T (&x)[N] = ::emu::shared<T[N]>(id)`
+  (per group, so that concurrent dispatches do not share it); in lint mode
+  `static threadgroup T x[N];` (a local in an address space must be static
+  for clang).
 * `[[kernel]]` and the attributes of kernel parameters are removed, after
   being read: in run mode a launcher struct `emu_kernel_<name>` is appended
   to the kernel's closing line. It binds each `[[buffer(n)]]` parameter to
   buffer n of the dispatch and each thread-position attribute to the
-  calling thread's value, and lists the buffer indices the kernel declares.
+  calling thread's value, runs the kernel and then its end (an arrival at
+  the barriers, emu::kernel_end), and lists the buffer indices and the
+  threadgroup memory the kernel declares.
 """
 
 import re
@@ -30,6 +37,7 @@ THREAD_ATTRS = {
 _ATTR = re.compile(r"\[\[\s*(\w+)\s*(?:\(([^)]*)\))?\s*\]\]")
 _KERNEL = re.compile(r"\[\[\s*kernel\s*\]\]\s*void\s+(\w+)\s*\(")
 _TG_DECL = re.compile(r"^(\s*)(threadgroup\s+[^*&;]*\[[^;]*;)", re.M)
+_TG_PARTS = re.compile(r"threadgroup\s+([\w:<>, ]+?)\s+(\w+)\s*((?:\[[^\]]+\])+)\s*;")
 
 
 class RewriteError(Exception):
@@ -81,7 +89,14 @@ def _line_of(text, i):
     return text.count("\n", 0, i) + 1
 
 
-def _launcher(name, template_params, params, line):
+def _tg_parts(decl, line):
+    m = _TG_PARTS.match(decl.strip())
+    if not m:
+        raise RewriteError(f"line {line}: cannot read the declaration '{decl}'")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _launcher(name, template_params, params, line, tg_types):
     args, buffers = [], []
     for p in params:
         attrs = _ATTR.findall(p)
@@ -108,10 +123,13 @@ def _launcher(name, template_params, params, line):
             )
     tparams = ", ".join(template_params)
     targs = ", ".join(re.search(r"(\w+)\s*$", t).group(1) for t in template_params)
+    tg_bytes = " + ".join(f"sizeof({x})" for x in tg_types) or "0"
     return (
         f" template <{tparams}> struct emu_kernel_{name} {{"
-        f" static void launch(::emu::Group& g) {{ {name}<{targs}>({', '.join(args)}); }}"
-        f" static std::vector<int> buffers() {{ return {{{', '.join(buffers)}}}; }} }};"
+        f" static void launch(::emu::Group& g) {{ {name}<{targs}>({', '.join(args)});"
+        f" ::emu::kernel_end(); }}"
+        f" static std::vector<int> buffers() {{ return {{{', '.join(buffers)}}}; }}"
+        f" static size_t threadgroup_bytes() {{ return {tg_bytes}; }} }};"
     )
 
 
@@ -133,19 +151,37 @@ def kernels(text):
         params = _split_params(text[open_paren + 1 : close - 1])
         body = text.index("{", close)
         end = _skip_code(text, body, "{", "}")
-        found.append((name, tparams, params, end, _line_of(text, m.start())))
+        tg_types = []
+        for d in _TG_DECL.finditer(text, body, end):
+            ty, _, dims = _tg_parts(d.group(2), _line_of(text, d.start()))
+            tg_types.append(f"{ty}{dims}")
+        found.append((name, tparams, params, end, _line_of(text, m.start()),
+                      tg_types))
     return found
 
 
+def _shared(match, counter):
+    ty, name, dims = _tg_parts(match.group(2), 0)
+    counter.append(None)
+    return (f"{match.group(1)}threadgroup {ty} (&{name}){dims} = "
+            f"::emu::shared<{ty}{dims}>({len(counter)});")
+
+
 def rewrite(text, path, mode):
-    """C++ source for `mode` 'run' or 'lint' from the .metal `text`."""
+    """C++ source for `mode` 'run' or 'lint' from the kernel source `text`
+    (`path` names it in the first #line directive)."""
     inserts = []
     if mode == "run":
-        for name, tparams, params, end, line in kernels(text):
-            inserts.append((end, _launcher(name, tparams, params, line)))
+        for name, tparams, params, end, line, tg_types in kernels(text):
+            inserts.append((end, _launcher(name, tparams, params, line,
+                                           tg_types)))
     for pos, add in sorted(inserts, reverse=True):
         text = text[:pos] + add + text[pos:]
-    text = _TG_DECL.sub(r"\1static \2", text)
+    if mode == "run":
+        counter = []
+        text = _TG_DECL.sub(lambda m: _shared(m, counter), text)
+    else:
+        text = _TG_DECL.sub(r"\1static \2", text)
     text = re.sub(r"\[\[\s*kernel\s*\]\]", "", text)
     text = _ATTR.sub("", text)
-    return f'#line 1 "{path}"\n' + text
+    return f'#include "emu_prelude.h"\n#line 1 "{path}"\n' + text

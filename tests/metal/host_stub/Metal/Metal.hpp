@@ -1,5 +1,5 @@
 // Declarations of the metal-cpp names that MLX's Metal host headers
-// (mlx/backend/metal/device.h) mention, so that csrc/adafactor_gpu.cpp can
+// (mlx/backend/metal/device.h) mention, so that csrc/metal/host.cpp can
 // be type-checked with _METAL_ on Linux against MLX's real host API
 // (tests/metal/test_metal_host.py). Nothing here is ever linked or run.
 
