@@ -13,6 +13,7 @@ import sys
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_fused_adafactor.patch import STOCK_ADAFACTOR
@@ -143,3 +144,11 @@ def test_stochastic_rounding_against_float32_and_round_to_nearest(tmp_path):
     labels = sorted(line.get_label() for line in fig.axes[0].get_lines())
     assert labels == sorted(run.label for run in runs.values()), labels
     assert "stochastic rounding" in runs["stochastic"].label
+
+
+def test_stochastic_rounding_needs_a_low_precision_dtype():
+    from mlx_fused_adafactor.examples import train_lm
+
+    args = train_lm.parse_args(["--stochastic-rounding"])
+    with pytest.raises(SystemExit, match="--stochastic-rounding rounds bfloat16"):
+        train_lm.setup(args, mx.distributed.init())
