@@ -303,7 +303,7 @@ def plot(runs, args, first_step, path):
     # Float32, the curve to match, drawn first and wide so the others show
     # on top of it.
     styles = {
-        "stock": {"ls": "--", "lw": 1.6},
+        "stock": {"color": "tab:red", "ls": "--", "lw": 1.6},
         "float32": {"color": "black", "lw": 3.5, "alpha": 0.3},
         "nearest": {"color": "tab:orange", "lw": 1.6},
         "stochastic": {"color": "tab:blue", "lw": 1.2},
