@@ -21,7 +21,7 @@
 //
 // NOTE: [self-contained kernels]
 // The kernels include only <metal_stdlib> and this directory's headers: the
-// build flattens them into one source (cmake/embed_metal.py) that is compiled
+// build flattens them into one source (kernels/embed_metal.py) that is compiled
 // at run time with no include path when there is no .metallib (NOTE:
 // [kernel library] in csrc/metal/host.cpp). Hence their own instantiation
 // macro below and their own bfloat16 (NOTE: [bfloat16 storage]) instead of

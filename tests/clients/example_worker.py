@@ -4,7 +4,10 @@ with each rank's loss and a digest of its parameters after every step, and
 its final parameters, written to OUT/record-rank<r>.json and
 OUT/params-rank<r>.safetensors.
 
-    python tests/clients/example_worker.py OUT [train_lm arguments...]
+    python tests/clients/example_worker.py OUT [--planted-rank-seed] [train_lm arguments...]
+
+--planted-rank-seed plants a fault: each rank's optimizer gets its rank as
+the seed of its stochastic rounding, as if the random state were per rank.
 """
 
 import hashlib
@@ -28,11 +31,19 @@ def digest(model):
 
 
 def main(out, argv):
+    planted_rank_seed = "--planted-rank-seed" in argv
+    argv = [a for a in argv if a != "--planted-rank-seed"]
     args = train_lm.parse_args(argv)
     world = mx.distributed.init()
     runs, data, first_step = train_lm.setup(args, world)
     run = runs[0]
-    record = {"rank": world.rank(), "size": world.size(), "losses": [], "digests": []}
+    if planted_rank_seed:
+        run.optimizer.seed = world.rank()
+    record = {
+        "rank": world.rank(), "size": world.size(), "losses": [], "digests": [],
+        "stochastic_rounding": run.optimizer.stochastic_rounding,
+        "seed": run.optimizer.seed,
+    }
     for step in range(first_step, first_step + args.steps):
         run.train_step(*data.get(step))
         record["losses"].append(run.losses[-1])

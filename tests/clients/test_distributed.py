@@ -7,6 +7,8 @@ batch. mlx.launch exits 0 even when a rank fails, so every rank writes its
 own record and the test reads them: the parameters of both ranks must be
 identical after every step, and equal to the single-process run within
 float32 tolerance (the all-reduce sums in another order than one batch).
+In bfloat16 with stochastic rounding the ranks must stay bitwise identical
+too, and drift apart when each rank gets its own seed (a planted fault).
 """
 
 import json
@@ -69,26 +71,27 @@ def read_rank(dump, rank, launch_output):
     return json.loads(record.read_text()), mx.load(str(params))
 
 
-@pytest.mark.parametrize("mode", ["compiled", "eager"])
-def test_two_ranks_match_single_process(tmp_path, mode):
-    extra = ["--no-compile"] if mode == "eager" else []
-    worker = [sys.executable, str(WORKER)]
+def launch_two(tmp_path, out, args):
+    """Run the worker on two ranks; return each rank's record and parameters."""
     launch = subprocess.run(
         [launcher(), "-n", "2", "--backend", "ring",
          "--starting-port", str(free_port_pair()),
-         *worker, str(tmp_path / "two"), *ARGS, *extra],
+         sys.executable, str(WORKER), str(tmp_path / out), *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     output = launch.stdout + launch.stderr
+    return [read_rank(tmp_path / out, r, output) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_two_ranks_match_single_process(tmp_path, mode):
+    extra = ["--no-compile"] if mode == "eager" else []
+    (rec0, params0), (rec1, params1) = launch_two(tmp_path, "two", [*ARGS, *extra])
     single = subprocess.run(
-        [*worker, str(tmp_path / "one"), *ARGS, *extra],
+        [sys.executable, str(WORKER), str(tmp_path / "one"), *ARGS, *extra],
         cwd=tmp_path, capture_output=True, text=True, timeout=180,
     )
     assert single.returncode == 0, single.stdout + single.stderr
-
-    (rec0, params0), (rec1, params1) = (
-        read_rank(tmp_path / "two", r, output) for r in (0, 1)
-    )
     one, params_one = read_rank(tmp_path / "one", 0, single.stdout + single.stderr)
     assert (rec0["rank"], rec0["size"]) == (0, 2)
     assert (rec1["rank"], rec1["size"]) == (1, 2)
@@ -109,3 +112,32 @@ def test_two_ranks_match_single_process(tmp_path, mode):
             np.array(params0[k]), np.array(params_one[k]), rtol=0,
             atol=PARAM_ATOL, err_msg=k,
         )
+
+
+def test_stochastic_rounding_keeps_ranks_identical(tmp_path):
+    """bfloat16 with stochastic rounding at a fixed learning rate: the
+    random bits are a function of (seed, parameter path, step, element),
+    the same on every rank, so the ranks stay bitwise identical after every
+    step. With a rank-dependent seed (a planted fault) they drift apart from
+    the first step, which also shows the rounding was stochastic."""
+    args = [*ARGS, "--dtype", "bfloat16", "--stochastic-rounding",
+            "--learning-rate", "1e-3"]
+    (rec0, params0), (rec1, params1) = launch_two(tmp_path, "same", args)
+    assert (rec0["size"], rec1["size"]) == (2, 2)
+    assert rec0["stochastic_rounding"] and rec1["stochastic_rounding"]
+    assert len(rec0["digests"]) == STEPS
+    assert rec0["digests"] == rec1["digests"]
+    assert rec0["losses"] == rec1["losses"]
+    assert params0.keys() == params1.keys()
+    for k in params0:
+        assert params0[k].dtype == mx.bfloat16, k
+        assert mx.array_equal(params0[k], params1[k]).item(), k
+
+    (bad0, _), (bad1, _) = launch_two(
+        tmp_path, "planted", [*args, "--planted-rank-seed"]
+    )
+    assert (bad0["seed"], bad1["seed"]) == (0, 1)
+    # Rank 0 keeps seed 0: its first step is the one above (later steps
+    # average gradients with the drifted rank 1).
+    assert bad0["digests"][0] == rec0["digests"][0]
+    assert all(a != b for a, b in zip(bad0["digests"], bad1["digests"]))

@@ -6,9 +6,16 @@ optimizer.state, mx.random.state]``, so under the patch the fused class runs
 its lazy primitive inside ``mx.compile``. A tiny randomly initialised Llama
 trained on synthetic token sequences must give the loss curve of stock
 Adafactor in float32.
+
+``python -m mlx_fused_adafactor.lora`` runs mlx-lm's own command line with
+the fused class: a full fine-tune of the tiny Llama in bfloat16, written to
+a directory with a tokenizer built here, through mlx_lm.lora.main.
 """
 
 import itertools
+import json
+import subprocess
+import sys
 import types
 
 import mlx.core as mx
@@ -67,20 +74,23 @@ class LossLog(TrainingCallback):
         self.losses.append(info["train_loss"])
 
 
+# The tiny Llama's config.json.
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": VOCAB,
+    "tie_word_embeddings": False,
+}
+
+
 def tiny_llama():
     mx.random.seed(0)
-    args = llama.ModelArgs(
-        model_type="llama",
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-    )
-    model = llama.Model(args)
+    model = llama.Model(llama.ModelArgs(**TINY_LLAMA))
     mx.eval(model.parameters())
     return model
 
@@ -251,3 +261,149 @@ def test_lora_entry_point_picks_up_patch(tmp_path, monkeypatch):
     assert seen == [STOCK_ADAFACTOR, Adafactor]
     assert len(curves[1]) == ITERS // 2
     np.testing.assert_allclose(curves[1], curves[0], rtol=LOSS_RTOL)
+
+
+# ------------------------------------------- python -m mlx_fused_adafactor.lora
+
+# Words of the local tokenizer, after its special tokens: VOCAB ids in all.
+SPECIAL = ["<unk>", "<s>", "</s>"]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
+
+
+def write_model_dir(path):
+    """The tiny Llama in bfloat16 as mlx-lm loads a model from a directory
+    (config.json, model.safetensors), with a word-level tokenizer built here
+    (tokenizer.json, tokenizer_config.json): nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True)
+    model = tiny_llama()
+    model.set_dtype(mx.bfloat16)
+    mx.save_safetensors(str(path / "model.safetensors"),
+                        dict(tree_flatten(model.parameters())))
+    (path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>",
+    ).save_pretrained(str(path))
+    return path
+
+
+def write_data_dir(path):
+    """train.jsonl and valid.jsonl of {"text": ...}: arithmetic sequences of
+    the tokenizer's words."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 32), ("valid", 8)):
+        lines = []
+        for _ in range(n):
+            start, stride = int(rng.integers(len(WORDS))), int(rng.integers(1, 4))
+            length = int(rng.integers(16, 31))
+            text = " ".join(WORDS[(start + stride * i) % len(WORDS)] for i in range(length))
+            lines.append(json.dumps({"text": text}) + "\n")
+        (path / f"{name}.jsonl").write_text("".join(lines))
+    return path
+
+
+def lora_cli_args(tmp_path, iters):
+    """mlx_lm.lora's command line for a full fine-tune of the tiny Llama,
+    with Adafactor from a YAML config: a fixed learning rate (from the
+    command line), stochastic rounding and a seed."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "optimizer: adafactor\n"
+        "optimizer_config:\n"
+        "  adafactor:\n"
+        "    relative_step: false\n"
+        "    stochastic_rounding: true\n"
+        "    seed: 7\n"
+    )
+    return [
+        "--model", str(write_model_dir(tmp_path / "model")),
+        "--data", str(write_data_dir(tmp_path / "data")),
+        "--train", "--fine-tune-type", "full", "--num-layers", "2",
+        "--batch-size", "4", "--iters", str(iters), "--steps-per-report", "1",
+        "--steps-per-eval", "1000", "--val-batches", "1",
+        "--learning-rate", "1e-3", "--adapter-path", str(tmp_path / "adapters"),
+        "-c", str(config),
+    ]
+
+
+def trained_weights(tmp_path):
+    """The trained weights mlx-lm saved, and the initial ones of the same
+    names."""
+    trained = mx.load(str(tmp_path / "adapters" / "adapters.safetensors"))
+    initial = mx.load(str(tmp_path / "model" / "model.safetensors"))
+    return trained, {k: initial[k] for k in trained}
+
+
+def test_lora_cli_trains_with_the_fused_class(tmp_path, monkeypatch):
+    """mlx_fused_adafactor.lora.main runs mlx-lm's own entry point
+    (mlx_lm.lora.main, which parses the command line and the YAML config,
+    loads the model and data and builds the optimizer); a spy on the
+    trainer sees the optimizer and the losses."""
+    from mlx_fused_adafactor import lora as fused_lora
+
+    seen = []
+    real_train = lora.train
+
+    def spy(*, optimizer, training_callback, **kwargs):
+        log = LossLog()
+        seen.append((optimizer, log))
+        return real_train(optimizer=optimizer, training_callback=log, **kwargs)
+
+    monkeypatch.setattr(lora, "train", spy)
+    # mlx-lm's main sets it; restored after the test.
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    argv = lora_cli_args(tmp_path, iters=4)
+    fused_lora.main(argv)
+    assert not mlx_fused_adafactor.is_patched()
+
+    [(optimizer, log)] = seen
+    assert type(optimizer) is Adafactor
+    assert optimizer.stochastic_rounding and optimizer.seed == 7
+    assert not optimizer.relative_step
+    assert optimizer.learning_rate.item() == np.float32(1e-3)
+    assert int(optimizer.state["step"]) == 4
+    assert len(log.losses) == 4 and np.isfinite(log.losses).all(), log.losses
+
+    trained, initial = trained_weights(tmp_path)
+    assert trained and all(v.dtype == mx.bfloat16 for v in trained.values())
+    assert all(mx.isfinite(v).all().item() for v in trained.values())
+    assert any(not mx.array_equal(trained[k], initial[k]).item() for k in trained)
+
+    # The same command line through mlx-lm's entry point without the fused
+    # class: stock Adafactor has no stochastic_rounding.
+    monkeypatch.setattr(sys, "argv", ["mlx_lm.lora", *argv])
+    with pytest.raises(TypeError, match="stochastic_rounding"):
+        lora.main()
+
+
+def test_python_m_lora(tmp_path):
+    """The one-line command, in a process of its own."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_fused_adafactor.lora",
+         *lora_cli_args(tmp_path, iters=2)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained, initial = trained_weights(tmp_path)
+    assert all(mx.isfinite(v).all().item() for v in trained.values())
+    assert any(not mx.array_equal(trained[k], initial[k]).item() for k in trained)
+
+
+def test_lora_cli_without_mlx_lm(tmp_path):
+    """Without mlx-lm the command says what is missing."""
+    code = (
+        "import sys; sys.modules['mlx_lm'] = None\n"
+        "from mlx_fused_adafactor import lora; lora.main(['--help'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "[adafactor] python -m mlx_fused_adafactor.lora runs mlx-lm's" in proc.stderr
+    assert "pip install mlx-lm" in proc.stderr

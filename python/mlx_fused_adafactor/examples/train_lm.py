@@ -14,6 +14,21 @@ computes beta_2 = 1 - t^-0.8 in bfloat16, where it rounds to exactly 1.0 from
 step 2424 on: its second moment stops updating. ``--start-step`` starts the
 optimizers' step count late so the freeze shows within a short run.
 
+``--learning-rate`` trains with that fixed learning rate (relative_step=False,
+scale_parameter=True), the way mlx-lm runs Adafactor with ``--learning-rate``
+and ``relative_step: false`` in its ``optimizer_config``; without it the
+optimizers use Adafactor's relative step size.
+
+``--stochastic-rounding`` rounds the new bfloat16 or float16 parameters
+stochastically (``Adafactor(stochastic_rounding=True)``). With
+``--compare-stock`` it trains four runs from the same initial weights on the
+same batches: the fused optimizer in float32, in the low-precision dtype with
+round to nearest and with stochastic rounding, and stock in that dtype
+(which rounds to nearest):
+
+    python -m mlx_fused_adafactor.examples.train_lm --compare-stock \\
+        --dtype bfloat16 --stochastic-rounding --learning-rate 1e-3
+
 Data parallel over processes with ``mx.distributed`` (each process takes its
 share of every batch; gradients are averaged with
 ``mlx.nn.average_gradients``):
@@ -150,13 +165,16 @@ def stock_beta2_freeze_step(dtype, decay_rate=-0.8, limit=1_000_000):
 
 
 class Run:
-    """One model and its optimizer, with a (compiled) step."""
+    """One model in ``dtype`` and its optimizer, with a (compiled) step;
+    ``label`` names it in the plot."""
 
-    def __init__(self, name, optimizer, args, world, init_weights, resume=None):
+    def __init__(self, name, label, optimizer, dtype, args, world, init_weights,
+                 resume=None):
         self.name = name
+        self.label = label
         self.model = ByteLM(args.dims, args.layers, args.heads, args.seq_len)
-        self.model.set_dtype(DTYPES[args.dtype])
-        self.model.load_weights(init_weights)
+        self.model.set_dtype(DTYPES[dtype])
+        self.model.load_weights([(k, v.astype(DTYPES[dtype])) for k, v in init_weights])
         self.optimizer = optimizer
         self.world = world
         self.losses = []
@@ -264,6 +282,9 @@ def mean(values):
 
 
 def plot(runs, args, first_step, path):
+    """Write the loss curves (and, comparing with stock in one dtype, the
+    second moment's change) to ``path``; return the figure (None without
+    matplotlib)."""
     try:
         import matplotlib
 
@@ -272,21 +293,30 @@ def plot(runs, args, first_step, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib).")
         return
-    show_moment = args.compare_stock
+    show_moment = args.compare_stock and not args.stochastic_rounding
     fig, axes = plt.subplots(
         2 if show_moment else 1, 1, figsize=(8, 7 if show_moment else 4.5),
         sharex=True, squeeze=False,
     )
     steps = list(range(first_step, first_step + args.steps))
     ax = axes[0][0]
-    styles = {"fused": "-", "stock": "--"}
-    for run in runs:
-        k = max(1, args.steps // 50)
+    # Float32, the curve to match, drawn first and wide so the others show
+    # on top of it.
+    styles = {
+        "stock": {"color": "tab:red", "ls": "--", "lw": 1.6},
+        "float32": {"color": "black", "lw": 3.5, "alpha": 0.3},
+        "nearest": {"color": "tab:orange", "lw": 1.6},
+        "stochastic": {"color": "tab:blue", "lw": 1.2},
+    }
+    k = max(1, args.steps // 50)
+    for run in sorted(runs, key=lambda r: r.name != "float32"):
         smooth = moving_mean(run.losses, k)
-        label = f"{run.name} ({args.dtype})" + (f", mean of {k}" if k > 1 else "")
-        ax.plot(steps[k - 1 :], smooth, ls=styles[run.name], lw=1.6, label=label)
-    ax.set_ylabel("training loss (nats/byte)")
-    ax.set_title("Byte-level LM on the Python standard library")
+        ax.plot(steps[k - 1 :], smooth, label=run.label,
+                **styles.get(run.name, {"lw": 1.6}))
+    ax.set_ylabel("training loss (nats/byte)" + (f", mean of {k} steps" if k > 1 else ""))
+    rate = ("relative step" if args.learning_rate is None
+            else f"learning rate {args.learning_rate:g}")
+    ax.set_title(f"Byte-level LM on the Python standard library ({rate})")
     freeze = stock_beta2_freeze_step(DTYPES[args.dtype])
     if show_moment:
         ax2 = axes[1][0]
@@ -298,7 +328,8 @@ def plot(runs, args, first_step, path):
             ]
             if points:
                 xs, ys = zip(*points)
-                ax2.plot(xs, ys, marker=".", ls=styles[run.name], label=run.name)
+                ax2.plot(xs, ys, marker=".", ls=styles.get(run.name, {}).get("ls", "-"),
+                         label=run.name)
         ax2.set_ylabel("relative change of the second\nmoment since the last report")
         ax2.set_xlabel("optimizer step")
         if freeze is not None and first_step <= freeze <= first_step + args.steps:
@@ -313,6 +344,7 @@ def plot(runs, args, first_step, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot written to {path}")
+    return fig
 
 
 def parse_args(argv=None):
@@ -330,6 +362,12 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--compare-stock", action="store_true",
                    help="also train with mlx.optimizers.Adafactor and plot both")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="a fixed learning rate (relative_step=False, as with "
+                   "mlx-lm's --learning-rate); default: the relative step size")
+    p.add_argument("--stochastic-rounding", action="store_true",
+                   help="round bfloat16/float16 parameters stochastically; with "
+                   "--compare-stock, also train float32 and round to nearest")
     p.add_argument("--start-step", type=int, default=0,
                    help="start the optimizers' step count here: e.g. 2300 in "
                    "bfloat16 shows stock's second moment freeze at step 2424 "
@@ -347,20 +385,67 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def optimizer_options(args):
+    """Options of both optimizers: a fixed --learning-rate with
+    relative_step=False, else Adafactor's defaults (the relative step)."""
+    if args.learning_rate is None:
+        return {}
+    return {"learning_rate": args.learning_rate, "relative_step": False}
+
+
+def run_plan(args):
+    """(name, plot label, optimizer factory, dtype) of each run; the first
+    is the fused optimizer as the options ask for it, the one --save and
+    --resume use."""
+    options = optimizer_options(args)
+    dtype = args.dtype
+    sr = args.stochastic_rounding
+
+    def fused(stochastic_rounding=sr):
+        return Adafactor(**options, stochastic_rounding=stochastic_rounding)
+
+    def stock():
+        return mlx.optimizers.Adafactor(**options)
+
+    if not args.compare_stock:
+        return [("fused", f"fused ({dtype})", fused, dtype)]
+    if not sr:
+        return [("fused", f"fused ({dtype})", fused, dtype),
+                ("stock", f"stock ({dtype})", stock, dtype)]
+    return [
+        ("stochastic", f"fused, {dtype}, stochastic rounding", fused, dtype),
+        ("nearest", f"fused, {dtype}, round to nearest",
+         lambda: fused(stochastic_rounding=False), dtype),
+        ("float32", "fused, float32", lambda: fused(stochastic_rounding=False),
+         "float32"),
+        ("stock", f"stock, {dtype} (round to nearest)", stock, dtype),
+    ]
+
+
 def setup(args, world):
-    """The runs to train, from one initialisation (the fused optimizer, and
-    stock with --compare-stock), the batches, and the first step."""
+    """The runs to train (see run_plan), from one initialisation, the
+    batches, and the first step."""
     if args.resume and args.compare_stock:
         raise SystemExit("--resume and --compare-stock do not go together")
+    if args.stochastic_rounding and args.dtype == "float32":
+        raise SystemExit(
+            "--stochastic-rounding rounds bfloat16 and float16 parameters; "
+            "pick one with --dtype"
+        )
     tokens = stdlib_bytes(args.max_bytes, args.data)
     mx.random.seed(args.seed)
     init = ByteLM(args.dims, args.layers, args.heads, args.seq_len)
-    init_weights = tree_flatten(init.parameters())
-    init_weights = [(k, v.astype(DTYPES[args.dtype])) for k, v in init_weights]
+    # The initial weights as the training dtype holds them, so a float32
+    # run starts from exactly the same values.
+    init_weights = [
+        (k, v.astype(DTYPES[args.dtype])) for k, v in tree_flatten(init.parameters())
+    ]
 
-    runs = [Run("fused", Adafactor(), args, world, init_weights, args.resume)]
-    if args.compare_stock:
-        runs.append(Run("stock", mlx.optimizers.Adafactor(), args, world, init_weights))
+    runs = [
+        Run(name, label, make(), dtype, args, world, init_weights,
+            args.resume if i == 0 else None)
+        for i, (name, label, make, dtype) in enumerate(run_plan(args))
+    ]
     data = Batches(tokens, args.batch_size, args.seq_len, args.seed,
                    world.rank(), world.size())
     first_step = runs[0].optimizer.state["step"].item() + 1
@@ -405,11 +490,12 @@ def main(argv=None):
 
     if lead:
         tail = max(1, args.steps // 10)
+        width = max(len(run.name) for run in runs)
         for run in runs:
             change = run.second_moment_change[-1]
             moved = "n/a" if change is None else f"{change:.2e}"
             print(
-                f"{run.name:>5}: loss {mean(run.losses[:tail]):.3f} -> "
+                f"{run.name:>{width}}: loss {mean(run.losses[:tail]):.3f} -> "
                 f"{mean(run.losses[-tail:]):.3f} (mean of first/last {tail} "
                 f"steps), {1e3 * run.seconds / args.steps:.1f} ms/step, second "
                 f"moment moved {moved} (relative) since the previous report"

@@ -1,7 +1,7 @@
 """Compile the kernel source that ships for the CPU emulation of Metal.
 
 The source is the one the package embeds and compiles into its .metallib:
-cmake/embed_metal.py flattens kernels/*.metal and their headers into it,
+kernels/embed_metal.py flattens kernels/*.metal and their headers into it,
 here as in the CMake build, so the emulator compiles the same bytes
 (tests/metal/test_metal_build.py compares their SHA-256 with the one the
 installed extension carries).
@@ -31,7 +31,7 @@ ROOT = HERE.parents[2]
 KERNELS = ROOT / "kernels"
 CSRC = ROOT / "csrc"
 INCLUDE = HERE / "include"
-GENERATOR = ROOT / "cmake" / "embed_metal.py"
+GENERATOR = ROOT / "kernels" / "embed_metal.py"
 
 
 def _generator():
