@@ -75,15 +75,9 @@ def summarize(times):
 
 
 def release_memory():
-    """Drop garbage and MLX's (and the package's) cached buffers so the next
-    arm's peak memory starts from its own inputs."""
+    """Drop garbage and MLX's cached buffers so the next arm's peak memory
+    starts from its own inputs."""
     gc.collect()
-    try:
-        from mlx_fused_adafactor import _build
-
-        _build.ext.clear_buffer_cache()
-    except ImportError:
-        pass
     mx.clear_cache()
 
 

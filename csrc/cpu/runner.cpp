@@ -10,7 +10,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/transforms.h"
 
-#include "cpu/buffer_cache.h"
+#include "cpu/buffers.h"
 #include "cpu/cpu.h"
 #include "cpu/step.h"
 
@@ -132,20 +132,6 @@ std::shared_ptr<StepRunner> make_runner_p(
   }
 }
 
-// Give `out` a buffer: the input's own when MLX says it can be donated,
-// otherwise one from the step's buffer cache (NOTE: [eager step] explains
-// why fresh memory is expensive). Returns the bytes taken from the cache.
-size_t alloc_output(const mx::array& in, mx::array& out) {
-  if (in.is_donatable() && in.flags().row_contiguous &&
-      in.itemsize() == out.itemsize() && in.data_size() == in.size() &&
-      in.size() == out.size()) {
-    out.copy_shared_buffer(in);
-    return 0;
-  }
-  out.set_data(BufferCache::instance().acquire(out.nbytes()));
-  return out.nbytes();
-}
-
 } // namespace
 
 std::shared_ptr<StepRunner> make_runner(
@@ -177,15 +163,26 @@ void eval(
     return;
   }
   // Outputs first: donation must be decided before anything else holds the
-  // inputs.
-  size_t cached = 0;
+  // inputs (NOTE: [donation]).
+  std::vector<int> out_of_input(inputs.size(), -1);
   for (const auto& t : layout.tensors()) {
-    cached += alloc_output(inputs[t.param_in()], outputs[t.param_out()]);
+    out_of_input[t.param_in()] = t.param_out();
     for (Entry e : t.entries) {
-      cached += alloc_output(inputs[t.state_in(e)], outputs[t.state_out(e)]);
+      out_of_input[t.state_in(e)] = t.state_out(e);
     }
   }
-  BufferCache::instance().reserve(cached);
+  const auto donate = donatable_inputs(inputs, outputs, out_of_input);
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    const int o = out_of_input[j];
+    if (o < 0) {
+      continue;
+    }
+    if (donate[j]) {
+      outputs[o].copy_shared_buffer(inputs[j]);
+    } else {
+      outputs[o].set_data(fresh_buffer(outputs[o].nbytes()));
+    }
+  }
 
   auto runner = make_runner(h, keys, layout, inputs, outputs);
   auto& encoder = mx::cpu::get_command_encoder(stream);
@@ -224,19 +221,16 @@ std::vector<mx::array> run_eager(
       a.wait();
     }
   }
-  auto& cache = BufferCache::instance();
+  // NOTE: [output buffers]
   std::vector<mx::array> outputs;
   outputs.reserve(shapes.size());
-  size_t total = 0;
   for (size_t i = 0; i < shapes.size(); ++i) {
     size_t bytes = mx::size_of(dtypes[i]);
     for (auto d : shapes[i]) {
       bytes *= d;
     }
-    total += bytes;
-    outputs.emplace_back(cache.acquire(bytes), std::move(shapes[i]), dtypes[i]);
+    outputs.emplace_back(fresh_buffer(bytes), std::move(shapes[i]), dtypes[i]);
   }
-  cache.reserve(total);
   make_runner(h, keys, layout, inputs, outputs)
       ->execute(
           inputs[SlotLayout::kStep].item<float>(),

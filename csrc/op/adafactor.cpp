@@ -158,6 +158,89 @@ std::vector<mx::array> lazy_step(
   return outputs;
 }
 
+// The step of the tensors `members` of `layout`, in that order: their own
+// flat inputs (NOTE: [slot layout]), output shapes and dtypes, and keys.
+struct Part {
+  StepInputs in;
+  std::vector<AF_UINT> keys;
+  SlotLayout layout;
+};
+
+Part part_of(
+    const StepInputs& all,
+    const std::vector<AF_UINT>& keys,
+    const SlotLayout& layout,
+    const std::vector<size_t>& members,
+    const AdafactorHyper& h) {
+  StepInputs in;
+  std::vector<AF_UINT> part_keys;
+  std::vector<int> ndims;
+  in.inputs = {all.inputs[SlotLayout::kStep], all.inputs[SlotLayout::kLr]};
+  for (size_t i : members) {
+    const auto& t = layout[i];
+    for (int k = 0; k < t.num_in(); ++k) {
+      in.inputs.push_back(all.inputs[t.first_in + k]);
+    }
+    for (int k = 0; k < t.num_out(); ++k) {
+      in.shapes.push_back(all.shapes[t.first_out + k]);
+      in.dtypes.push_back(all.dtypes[t.first_out + k]);
+    }
+    part_keys.push_back(keys[i]);
+    ndims.push_back(t.ndim);
+  }
+  return {std::move(in), std::move(part_keys), SlotLayout(ndims, h)};
+}
+
+// NOTE: [eager step]: small tensors at once, large ones deferred.
+std::vector<mx::array> cpu_step(
+    const AdafactorHyper& h,
+    const std::vector<AF_UINT>& keys,
+    const SlotLayout& layout,
+    StepInputs& in,
+    mx::Stream stream) {
+  std::vector<size_t> now, deferred;
+  for (size_t i = 0; i < layout.size(); ++i) {
+    const auto& p = in.inputs[layout[i].param_in()];
+    (p.nbytes() >= kDeferMinBytes ? deferred : now).push_back(i);
+  }
+  if (deferred.empty()) {
+    return cpu::run_eager(
+        h,
+        keys,
+        layout,
+        std::move(in.inputs),
+        std::move(in.shapes),
+        in.dtypes);
+  }
+  if (now.empty()) {
+    return lazy_step(h, keys, layout, in, stream);
+  }
+  std::vector<mx::array> outputs(layout.num_outputs(), mx::array(0.0f));
+  auto place = [&](const std::vector<size_t>& members,
+                   std::vector<mx::array> part_out) {
+    size_t next = 0;
+    for (size_t i : members) {
+      const auto& t = layout[i];
+      for (int k = 0; k < t.num_out(); ++k) {
+        outputs[t.first_out + k] = std::move(part_out[next++]);
+      }
+    }
+  };
+  Part later = part_of(in, keys, layout, deferred, h);
+  place(deferred, lazy_step(h, later.keys, later.layout, later.in, stream));
+  Part at_once = part_of(in, keys, layout, now, h);
+  place(
+      now,
+      cpu::run_eager(
+          h,
+          at_once.keys,
+          at_once.layout,
+          std::move(at_once.in.inputs),
+          std::move(at_once.in.shapes),
+          at_once.in.dtypes));
+  return outputs;
+}
+
 } // namespace
 
 std::vector<mx::array> adafactor_step(
@@ -215,13 +298,7 @@ std::vector<mx::array> adafactor_step(
     eager = !in.inputs[i].is_tracer();
   }
   if (eager) {
-    return cpu::run_eager(
-        hyper,
-        keys,
-        layout,
-        std::move(in.inputs),
-        std::move(in.shapes),
-        in.dtypes);
+    return cpu_step(hyper, keys, layout, in, stream);
   }
   return lazy_step(hyper, keys, layout, in, stream);
 }
