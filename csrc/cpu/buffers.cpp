@@ -6,6 +6,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "cpu/faults.h"
+
 namespace mlx_fused_adafactor::cpu {
 
 namespace {
@@ -72,7 +74,8 @@ std::vector<char> donatable_inputs(
         hidden.push_back(list);
       }
     }
-    ok[j] = in.is_donatable();
+    ok[j] = (in.is_donatable() || AF_FAULT(Fault::DonateHeld)) &&
+        !AF_FAULT(Fault::NoDonation);
     for (auto* list : hidden) {
       (*list)[j] = in;
     }

@@ -32,6 +32,10 @@ const char* fault_name(Fault f) {
       return "no_clipping";
     case Fault::FoldWeightsByCf:
       return "fold_weights_by_cf";
+    case Fault::NoDonation:
+      return "no_donation";
+    case Fault::DonateHeld:
+      return "donate_held";
     default:
       return "none";
   }

@@ -23,6 +23,8 @@ enum class Fault : int {
   FlatWithoutEps1, // eps1 left out of the 1-D second moment
   NoClipping, // the update is never clipped
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
+  NoDonation, // outputs never take over an input's buffer
+  DonateHeld, // inputs give their buffer even while others hold them
   Count,
 };
 
