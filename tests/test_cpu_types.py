@@ -45,3 +45,20 @@ def _has_f16c():
             return " f16c" in f.read()
     except OSError:
         return False
+
+
+def test_stochastic_rounding_matches_the_shared_math_bit_for_bit(tmp_path):
+    """csrc/cpu/rounding.h (branch-free, so pass 3 vectorizes) against
+    adafactor_round_bf16/f16 of kernels/adafactor_math.h."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    assert cxx, "a C++ compiler is needed (the test set-up installs one)"
+    exe = tmp_path / "stochastic"
+    subprocess.run(
+        [cxx, "-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off",
+         "-std=c++17", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'kernels'}",
+         str(ROOT / "tests" / "cpp" / "stochastic.cpp"), "-o", str(exe)],
+        check=True,
+    )
+    run = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+    assert "mismatches: 0" in run.stdout

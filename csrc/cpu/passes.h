@@ -48,6 +48,7 @@
 #include "adafactor_math.h"
 #include "cpu/convert.h"
 #include "cpu/faults.h"
+#include "cpu/rounding.h"
 #include "cpu/tensor.h"
 #include "cpu/types.h"
 
@@ -308,19 +309,27 @@ AF_SIMD_CLONES float pass2_factored(
 template <bool Stochastic, typename P>
 inline float rounded(float v, AF_UINT bits) {
   if constexpr (Stochastic && std::is_same_v<P, bf16>) {
-    return adafactor_round_bf16(v, bits);
+    return round_bf16_stochastic(v, bits);
   } else if constexpr (Stochastic && std::is_same_v<P, f16>) {
-    return adafactor_round_f16(v, bits);
+    return round_f16_stochastic(v, bits);
   } else {
     return v;
   }
 }
 
-// The random bits of element `e` of the stream with `key`.
-inline AF_UINT element_bits(AF_UINT key, int64_t e) {
-  return adafactor_random_bits(
-      key, static_cast<AF_UINT>(e), static_cast<AF_UINT>(e >> 32));
-}
+// The random bits of the elements of a block [base, base + w) that does
+// not cross a multiple of 2^32: the high word of the index is constant, and
+// the loops count the low word in 32-bit lanes (`first`, then +1).
+struct BlockBits {
+  AF_UINT first;
+  AF_UINT hi;
+  explicit BlockBits(int64_t base)
+      : first(static_cast<AF_UINT>(base)),
+        hi(static_cast<AF_UINT>(base >> 32)) {}
+  AF_UINT operator()(AF_UINT key, AF_UINT lo) const {
+    return adafactor_random_bits(key, lo, hi);
+  }
+};
 
 // Apply the clipped update to `w` elements at `base`; `u_of(c, g)` forms
 // the unclipped update of element c from its gradient g. The options
@@ -344,6 +353,7 @@ inline void apply_block(
   const AdafactorTensorScalars ts = t.ts;
   const AF_UINT param_key = t.param_key;
   const AF_UINT exp_avg_key = t.exp_avg_key;
+  const BlockBits element_bits(base);
   // NOTE: [float16 blocks]: p, g, exp_avg in; p, exp_avg out.
   float* stage =
       any_f16<P, G> ? stage_buffer(0, 5 * kStageBlock) : nullptr;
@@ -354,15 +364,17 @@ inline void apply_block(
     const auto* m = staged(x.exp_avg + base, w, stage + 3 * kStageBlock);
     auto* m_out =
         staging_out(x.exp_avg_out + base, stage + 4 * kStageBlock);
-#pragma omp simd
+    AF_UINT lo = element_bits.first;
+#pragma omp simd linear(lo : 1)
     for (int64_t c = 0; c < w; ++c) {
       float mv = load(m, c);
       const float pv =
           adafactor_apply(load(p, c), u_of(c, load(g, c)), mv, ts, h);
       store(m_out, c,
-            rounded<Stochastic, P>(mv, element_bits(exp_avg_key, base + c)));
+            rounded<Stochastic, P>(mv, element_bits(exp_avg_key, lo)));
       store(p_out, c,
-            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
+            rounded<Stochastic, P>(pv, element_bits(param_key, lo)));
+      ++lo;
     }
     store_halves(x.exp_avg_out + base, m_out, w);
   } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
@@ -376,20 +388,23 @@ inline void apply_block(
       store(p_out, c, pv - load(update, 0));
     }
   } else {
-#pragma omp simd
+    AF_UINT lo = element_bits.first;
+#pragma omp simd linear(lo : 1)
     for (int64_t c = 0; c < w; ++c) {
       float mv = 0.0f;
       const float pv =
           adafactor_apply(load(p, c), u_of(c, load(g, c)), mv, ts, h);
       store(p_out, c,
-            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
+            rounded<Stochastic, P>(pv, element_bits(param_key, lo)));
+      ++lo;
     }
   }
   store_halves(x.param_out + base, p_out, w);
 }
 
 // apply_block over `w` elements, kStageBlock at a time when float16 data
-// is staged (NOTE: [float16 blocks]).
+// is staged (NOTE: [float16 blocks]), and split where the element index
+// crosses a multiple of 2^32 (BlockBits).
 template <
     bool Momentum,
     bool Decay,
@@ -404,14 +419,15 @@ inline void apply_range(
     int64_t base,
     int64_t w,
     U u_of) {
-  if constexpr (any_f16<P, G>) {
-    for (int64_t c0 = 0; c0 < w; c0 += kStageBlock) {
-      apply_block<Momentum, Decay, Stochastic>(
-          x, t, h, base + c0, std::min(kStageBlock, w - c0),
-          [=](int64_t c, float gv) { return u_of(c0 + c, gv); });
-    }
-  } else {
-    apply_block<Momentum, Decay, Stochastic>(x, t, h, base, w, u_of);
+  constexpr int64_t kWord = int64_t(1) << 32;
+  const int64_t block = any_f16<P, G> ? kStageBlock : w;
+  for (int64_t c0 = 0; c0 < w;) {
+    const int64_t next_word = ((base + c0) / kWord + 1) * kWord;
+    const int64_t n = std::min({block, w - c0, next_word - (base + c0)});
+    apply_block<Momentum, Decay, Stochastic>(
+        x, t, h, base + c0, n,
+        [=](int64_t c, float gv) { return u_of(c0 + c, gv); });
+    c0 += n;
   }
 }
 
