@@ -8,9 +8,8 @@
 //     fused kernels, or when the reference backend is chosen;
 //   - at once for small tensors, and deferred for large ones, on the CPU
 //     outside transformations (NOTE: [eager step]);
-//   - otherwise as AdafactorStep primitives of at most kMaxLazyOutputs
-//     outputs each (NOTE: [lazy chunks]), whose derivatives come from the
-//     reference.
+//   - otherwise as one AdafactorStep primitive per tensor (NOTE: [lazy
+//     chunks]), whose derivatives come from the reference.
 
 #pragma once
 
@@ -25,9 +24,6 @@
 namespace mlx_fused_adafactor {
 
 namespace mx = mlx::core;
-
-// Outputs of one lazy primitive at most (NOTE: [lazy chunks]).
-constexpr size_t kMaxLazyOutputs = 48;
 
 // Parameters of at least this many bytes are deferred outside
 // transformations (NOTE: [eager step]).
