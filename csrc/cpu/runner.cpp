@@ -66,7 +66,7 @@ class CpuRunner : public StepRunner {
       const SlotLayout& layout,
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs)
-      : step_(h) {
+      : step_(h, layout.size()) {
     for (size_t i = 0; i < layout.size(); ++i) {
       const auto& t = layout[i];
       TensorData<P, G> x;

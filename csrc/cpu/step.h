@@ -19,7 +19,12 @@ namespace mlx_fused_adafactor::cpu {
 template <typename P, typename G>
 class CpuStep {
  public:
-  explicit CpuStep(const AdafactorHyper& h) : h_(h) {}
+  // `n`: the number of tensors that will be added.
+  CpuStep(const AdafactorHyper& h, size_t n) : h_(h) {
+    data_.reserve(n);
+    plans_.reserve(n);
+    items_.reserve(n);
+  }
 
   // Add a tensor; call plan() once all are added.
   void add(const TensorData<P, G>& data, const Geometry& geo, AF_UINT key) {
