@@ -94,39 +94,57 @@ inline float* stage_buffer(int slot, size_t n) {
   return b.data();
 }
 
+// Whether any of the storage types is float16.
+template <typename... T>
+constexpr bool any_f16 = (std::is_same_v<T, f16> || ...);
+
 // `n` values at `x` as the loops read them: float16 converted into `buf`
-// (NOTE: [float16 blocks]), any other storage where it is.
-template <typename T>
+// (NOTE: [float16 blocks]), and bfloat16 too where `Bf16` (pass 3), any
+// other storage where it is.
+template <bool Bf16 = false, typename T>
 inline auto staged(const T* x, int64_t n, float* buf) {
   if constexpr (std::is_same_v<T, f16>) {
     halves_to_floats(x, buf, n);
+    return static_cast<const float*>(buf);
+  } else if constexpr (Bf16 && std::is_same_v<T, bf16>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = to_float(x[i]);
+    }
     return static_cast<const float*>(buf);
   } else {
     return x;
   }
 }
 
-// Where the loops write `n` values bound for `x`: a float buffer for
-// float16, written back by store_halves; any other storage itself.
-template <typename T>
+// Where the loops write `n` values bound for `x`: a float buffer for the
+// 16-bit types staged above, written back by store_halves; any other
+// storage itself.
+template <bool Bf16 = false, typename T>
 inline auto staging_out(T* x, float* buf) {
-  if constexpr (std::is_same_v<T, f16>) {
+  if constexpr (std::is_same_v<T, f16> || (Bf16 && std::is_same_v<T, bf16>)) {
     return buf;
   } else {
     return x;
   }
 }
 
-template <typename T, typename S>
+template <bool Bf16 = false, typename T, typename S>
 inline void store_halves(T* x, const S* staged_out, int64_t n) {
   if constexpr (std::is_same_v<T, f16>) {
     floats_to_halves(staged_out, x, n);
+  } else if constexpr (Bf16 && std::is_same_v<T, bf16>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = from_float<bf16>(staged_out[i]);
+    }
   }
 }
 
-// Whether any of the storage types is float16.
+// Whether pass 3 stages: any 16-bit storage type.
 template <typename... T>
-constexpr bool any_f16 = (std::is_same_v<T, f16> || ...);
+constexpr bool any_16bit =
+    ((std::is_same_v<T, f16> || std::is_same_v<T, bf16>) || ...);
 
 // Per-thread sums of one chunk of rows: column sums of g^2 + eps1, then the
 // T_j of NOTE: [folded update sum]. On the heap: 128 KiB is too much for
@@ -356,14 +374,16 @@ inline void apply_block(
   const BlockBits element_bits(base);
   // NOTE: [float16 blocks]: p, g, exp_avg in; p, exp_avg out.
   float* stage =
-      any_f16<P, G> ? stage_buffer(0, 5 * kStageBlock) : nullptr;
-  const auto* p = staged(x.param + base, w, stage);
-  const auto* g = staged(x.grad + base, w, stage + kStageBlock);
-  auto* p_out = staging_out(x.param_out + base, stage + 2 * kStageBlock);
+      any_16bit<P, G> ? stage_buffer(0, 5 * kStageBlock) : nullptr;
+  const auto* p = staged<true>(x.param + base, w, stage);
+  const auto* g = staged<true>(x.grad + base, w, stage + kStageBlock);
+  auto* p_out =
+      staging_out<true>(x.param_out + base, stage + 2 * kStageBlock);
   if constexpr (Momentum) {
-    const auto* m = staged(x.exp_avg + base, w, stage + 3 * kStageBlock);
+    const auto* m =
+        staged<true>(x.exp_avg + base, w, stage + 3 * kStageBlock);
     auto* m_out =
-        staging_out(x.exp_avg_out + base, stage + 4 * kStageBlock);
+        staging_out<true>(x.exp_avg_out + base, stage + 4 * kStageBlock);
     AF_UINT lo = element_bits.first;
 #pragma omp simd linear(lo : 1)
     for (int64_t c = 0; c < w; ++c) {
@@ -376,7 +396,7 @@ inline void apply_block(
             rounded<Stochastic, P>(pv, element_bits(param_key, lo)));
       ++lo;
     }
-    store_halves(x.exp_avg_out + base, m_out, w);
+    store_halves<true>(x.exp_avg_out + base, m_out, w);
   } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
     // The update rounded to the storage type before the subtraction.
     for (int64_t c = 0; c < w; ++c) {
@@ -399,7 +419,7 @@ inline void apply_block(
       ++lo;
     }
   }
-  store_halves(x.param_out + base, p_out, w);
+  store_halves<true>(x.param_out + base, p_out, w);
 }
 
 // apply_block over `w` elements, kStageBlock at a time when float16 data
@@ -420,7 +440,7 @@ inline void apply_range(
     int64_t w,
     U u_of) {
   constexpr int64_t kWord = int64_t(1) << 32;
-  const int64_t block = any_f16<P, G> ? kStageBlock : w;
+  const int64_t block = any_16bit<P, G> ? kStageBlock : w;
   for (int64_t c0 = 0; c0 < w;) {
     const int64_t next_word = ((base + c0) / kWord + 1) * kWord;
     const int64_t n = std::min({block, w - c0, next_word - (base + c0)});
