@@ -35,8 +35,9 @@
 // NOTE: [simd clones]
 // The passes are built twice on x86-64, for the baseline (SSE2) and for
 // AVX2, and the loader picks the clone the machine supports. AVX2 doubles
-// the lanes of the bfloat16 conversions and of the arithmetic; float16 is
-// converted outside the loops (NOTE: [float16 blocks]).
+// the lanes of the bfloat16 conversions and of the arithmetic; float16 (and
+// bfloat16 in pass 3) is converted outside the loops (NOTE: [float16
+// blocks]).
 
 #pragma once
 
