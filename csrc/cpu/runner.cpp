@@ -18,10 +18,11 @@ namespace mlx_fused_adafactor::cpu {
 
 namespace {
 
-// Copy `n` elements of the strided array `src` into `dst` in row-major
-// order. Work items are tiles of the last two dimensions, kCopyTile square:
-// a transposed matrix (the gradient of a linear layer arrives as one) then
-// reads cache lines it reuses instead of one element per line.
+// Copy the array at `src` with `shape` and `strides` (in elements) into
+// `dst` in row-major order. Work items are tiles of the last two
+// dimensions, kCopyTile square: a transposed matrix (the gradient of a
+// linear layer arrives as one) then reads cache lines it reuses instead of
+// one element per line.
 constexpr int64_t kCopyTile = 64;
 
 template <typename T>

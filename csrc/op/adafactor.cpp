@@ -118,10 +118,38 @@ StepInputs assemble(
 // (compile's replay, eval's traversal, detach) grows with the square of a
 // primitive's outputs; one primitive per tensor costs a scheduler task and
 // a few hash-set insertions in cpu::eval instead. Measured on 1000 vectors
-// of 1024 under mx.compile (CPU time of a step): 48 outputs per primitive
-// 13.1 ms, 8 outputs 9.5 ms, one tensor 8.6 ms; the first (tracing) call
-// 480 ms against 150 ms. The lazy step is therefore one primitive per
+// of 1024 under mx.compile on a quiet machine: the first (tracing) call
+// 170 ms with primitives of 48 outputs, 50 ms with one per tensor; later
+// steps 11.3 and 11.1 ms. The lazy step is therefore one primitive per
 // tensor; a large tensor still fills the thread pool inside its primitive.
+// The lazy step of tensor `t`: one AdafactorStep primitive, its outputs in
+// slot order.
+std::vector<mx::array> tensor_step(
+    const AdafactorHyper& h,
+    AF_UINT key,
+    const TensorSlots& t,
+    StepInputs& in,
+    mx::Stream stream) {
+  std::vector<mx::array> tensor_in;
+  tensor_in.reserve(SlotLayout::kFirstTensor + t.num_in());
+  tensor_in.push_back(in.inputs[SlotLayout::kStep]);
+  tensor_in.push_back(in.inputs[SlotLayout::kLr]);
+  for (int k = 0; k < t.num_in(); ++k) {
+    tensor_in.push_back(in.inputs[t.first_in + k]);
+  }
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (int k = 0; k < t.num_out(); ++k) {
+    shapes.push_back(std::move(in.shapes[t.first_out + k]));
+    dtypes.push_back(in.dtypes[t.first_out + k]);
+  }
+  return mx::array::make_arrays(
+      std::move(shapes),
+      dtypes,
+      std::make_shared<AdafactorStep>(stream, h, std::vector<AF_UINT>{key}),
+      std::move(tensor_in));
+}
+
 std::vector<mx::array> lazy_step(
     const AdafactorHyper& h,
     const std::vector<AF_UINT>& keys,
@@ -131,64 +159,11 @@ std::vector<mx::array> lazy_step(
   std::vector<mx::array> outputs;
   outputs.reserve(layout.num_outputs());
   for (size_t i = 0; i < layout.size(); ++i) {
-    const auto& t = layout[i];
-    std::vector<mx::array> tensor_in;
-    tensor_in.reserve(SlotLayout::kFirstTensor + t.num_in());
-    tensor_in.push_back(in.inputs[SlotLayout::kStep]);
-    tensor_in.push_back(in.inputs[SlotLayout::kLr]);
-    for (int k = 0; k < t.num_in(); ++k) {
-      tensor_in.push_back(in.inputs[t.first_in + k]);
-    }
-    std::vector<mx::Shape> shapes;
-    std::vector<mx::Dtype> dtypes;
-    for (int k = 0; k < t.num_out(); ++k) {
-      shapes.push_back(std::move(in.shapes[t.first_out + k]));
-      dtypes.push_back(in.dtypes[t.first_out + k]);
-    }
-    auto arrays = mx::array::make_arrays(
-        std::move(shapes),
-        dtypes,
-        std::make_shared<AdafactorStep>(
-            stream, h, std::vector<AF_UINT>{keys[i]}),
-        std::move(tensor_in));
-    for (auto& a : arrays) {
+    for (auto& a : tensor_step(h, keys[i], layout[i], in, stream)) {
       outputs.push_back(std::move(a));
     }
   }
   return outputs;
-}
-
-// The step of the tensors `members` of `layout`, in that order: their own
-// flat inputs (NOTE: [slot layout]), output shapes and dtypes, and keys.
-struct Part {
-  StepInputs in;
-  std::vector<AF_UINT> keys;
-  SlotLayout layout;
-};
-
-Part part_of(
-    const StepInputs& all,
-    const std::vector<AF_UINT>& keys,
-    const SlotLayout& layout,
-    const std::vector<size_t>& members,
-    const AdafactorHyper& h) {
-  StepInputs in;
-  std::vector<AF_UINT> part_keys;
-  std::vector<int> ndims;
-  in.inputs = {all.inputs[SlotLayout::kStep], all.inputs[SlotLayout::kLr]};
-  for (size_t i : members) {
-    const auto& t = layout[i];
-    for (int k = 0; k < t.num_in(); ++k) {
-      in.inputs.push_back(all.inputs[t.first_in + k]);
-    }
-    for (int k = 0; k < t.num_out(); ++k) {
-      in.shapes.push_back(all.shapes[t.first_out + k]);
-      in.dtypes.push_back(all.dtypes[t.first_out + k]);
-    }
-    part_keys.push_back(keys[i]);
-    ndims.push_back(t.ndim);
-  }
-  return {std::move(in), std::move(part_keys), SlotLayout(ndims, h)};
 }
 
 // NOTE: [eager step]: small tensors at once, large ones deferred.
@@ -198,12 +173,13 @@ std::vector<mx::array> cpu_step(
     const SlotLayout& layout,
     StepInputs& in,
     mx::Stream stream) {
-  std::vector<size_t> now, deferred;
+  std::vector<size_t> now;
   for (size_t i = 0; i < layout.size(); ++i) {
-    const auto& p = in.inputs[layout[i].param_in()];
-    (p.nbytes() >= kDeferMinBytes ? deferred : now).push_back(i);
+    if (in.inputs[layout[i].param_in()].nbytes() < kDeferMinBytes) {
+      now.push_back(i);
+    }
   }
-  if (deferred.empty()) {
+  if (now.size() == layout.size()) {
     return cpu::run_eager(
         h,
         keys,
@@ -212,32 +188,53 @@ std::vector<mx::array> cpu_step(
         std::move(in.shapes),
         in.dtypes);
   }
-  if (now.empty()) {
-    return lazy_step(h, keys, layout, in, stream);
-  }
   std::vector<mx::array> outputs(layout.num_outputs(), mx::array(0.0f));
-  auto place = [&](const std::vector<size_t>& members,
-                   std::vector<mx::array> part_out) {
+  // The small tensors as a step of their own (NOTE: [slot layout]).
+  StepInputs small;
+  std::vector<AF_UINT> small_keys;
+  std::vector<int> ndims;
+  small.inputs = {in.inputs[SlotLayout::kStep], in.inputs[SlotLayout::kLr]};
+  for (size_t i : now) {
+    const auto& t = layout[i];
+    for (int k = 0; k < t.num_in(); ++k) {
+      small.inputs.push_back(in.inputs[t.first_in + k]);
+    }
+    for (int k = 0; k < t.num_out(); ++k) {
+      small.shapes.push_back(in.shapes[t.first_out + k]);
+      small.dtypes.push_back(in.dtypes[t.first_out + k]);
+    }
+    small_keys.push_back(keys[i]);
+    ndims.push_back(t.ndim);
+  }
+  // The large tensors, one primitive each (NOTE: [lazy chunks]).
+  for (size_t i = 0, j = 0; i < layout.size(); ++i) {
+    if (j < now.size() && now[j] == i) {
+      ++j;
+      continue;
+    }
+    const auto& t = layout[i];
+    auto arrays = tensor_step(h, keys[i], t, in, stream);
+    for (int k = 0; k < t.num_out(); ++k) {
+      outputs[t.first_out + k] = std::move(arrays[k]);
+    }
+  }
+  if (!now.empty()) {
+    const SlotLayout small_layout(ndims, h);
+    auto arrays = cpu::run_eager(
+        h,
+        small_keys,
+        small_layout,
+        std::move(small.inputs),
+        std::move(small.shapes),
+        small.dtypes);
     size_t next = 0;
-    for (size_t i : members) {
+    for (size_t i : now) {
       const auto& t = layout[i];
       for (int k = 0; k < t.num_out(); ++k) {
-        outputs[t.first_out + k] = std::move(part_out[next++]);
+        outputs[t.first_out + k] = std::move(arrays[next++]);
       }
     }
-  };
-  Part later = part_of(in, keys, layout, deferred, h);
-  place(deferred, lazy_step(h, later.keys, later.layout, later.in, stream));
-  Part at_once = part_of(in, keys, layout, now, h);
-  place(
-      now,
-      cpu::run_eager(
-          h,
-          at_once.keys,
-          at_once.layout,
-          std::move(at_once.in.inputs),
-          std::move(at_once.in.shapes),
-          at_once.in.dtypes));
+  }
   return outputs;
 }
 
