@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import arms as arms_mod
-from . import copy_bandwidth, optimizer_step, report, training
+from . import optimizer_step, report, training
 from . import sets as sets_mod
 from .common import DEFAULT_BUDGET, QUICK_BUDGET, Progress, machine_info
 
@@ -51,10 +51,9 @@ def parse_args(argv):
     ap.add_argument("--devices", type=_csv, default=["default", "cpu"],
                     help="'default' (MLX's default device) and/or 'cpu' "
                     "(run once when they are the same)")
-    ap.add_argument("--training", choices=["small", "tiny", "off"], default="small",
-                    help="the end-to-end training loop model (tiny: for tests)")
-    ap.add_argument("--copy-mb", type=int, default=copy_bandwidth.DEFAULT_BYTES // 2**20,
-                    help=argparse.SUPPRESS)
+    ap.add_argument("--training", type=_csv, default=["small", "wide"],
+                    help="comma-separated training-loop models: small, wide, "
+                    "tiny (tests), or off (default: small,wide; --quick: wide)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parent / "results" / "local",
                     help="output directory (default bench/results/local/)")
@@ -88,6 +87,13 @@ def main(argv=None):
         raise SystemExit(f"bench: unknown dtype {e} (choose from {', '.join(DTYPES)})")
     for name in args.arms:
         arms_mod.make(name)
+    training_names = [] if args.training == ["off"] else args.training
+    if args.quick and args.training == ["small", "wide"]:
+        training_names = ["wide"]
+    for name in training_names:
+        if name not in training.CONFIGS:
+            raise SystemExit(f"bench: unknown training model '{name}' "
+                             f"(choose from {', '.join(training.CONFIGS)}, off)")
     devices = _devices(args.devices)
     notes = []
 
@@ -120,52 +126,35 @@ def main(argv=None):
                  for key, label, shapes in set_list},
         "torch_settings": {k: list(v) if isinstance(v, tuple) else v
                            for k, v in arms_mod.TORCH_SETTINGS.items()},
-        "min_bytes_definition": report.MIN_BYTES_NOTE,
+        "floor_definition": report.FLOOR_NOTE,
     }
     result["package_version"] = result["machine"]["package_version"]
     print(f"bench: {report.machine_line(result)}", file=sys.stderr)
 
     cells = optimizer_step.cells(set_list, dtypes, devices, arm_names)
-    training_cfg = training.CONFIGS.get(args.training)
-    n_training = len(training.ARMS) if training_cfg else 0
+    n_training = len(training.ARMS) * len(training_names)
     progress = Progress(len(cells) + n_training, "bench")
-    progress.label("copy bandwidth")
-    copy_bytes = args.copy_mb * 2**20
-    bw_start = copy_bandwidth.measure(copy_bytes)
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "results.partial.json"
 
     def checkpoint(rows_so_far):
-        partial.write_text(json.dumps({**result, "copy_bandwidth_start": bw_start,
-                                       "rows": rows_so_far}, indent=1) + "\n")
+        partial.write_text(json.dumps({**result, "rows": rows_so_far}, indent=1) + "\n")
 
     rows = optimizer_step.run(set_list, dtypes, devices, arm_names, budget, progress,
                               on_group=checkpoint)
-    if training_cfg:
-        result["training"] = training.run(
-            training_cfg,
-            training.QUICK_TRAINING_BUDGET if args.quick else training.TRAINING_BUDGET,
-            progress,
-        )
-    bw_end = None
-    if not args.quick:
-        progress.label("copy bandwidth")
-        bw_end = copy_bandwidth.measure(copy_bytes)
-    progress.close()
-
-    best = max((b for b in (bw_start, bw_end) if b), key=lambda b: b["best_gbps"])
-    result["copy_bandwidth"] = {**best, "start_best_gbps": bw_start["best_gbps"],
-                                "end_best_gbps": bw_end and bw_end["best_gbps"]}
-    result["copy_bandwidth_gbps"] = best["best_gbps"]
-    result["read_bandwidth_gbps"] = max(
-        b["best_read_gbps"] for b in (bw_start, bw_end) if b)
-    for r in rows:
-        r["fraction_of_copy_bw"] = r["gbps"] / result["copy_bandwidth_gbps"]
-        # The five minimal reads alone, at the measured read bandwidth.
-        read_gbps = r["gbps"] * optimizer_step.MIN_READS / (
-            optimizer_step.MIN_READS + optimizer_step.MIN_WRITES_PARAM)
-        r["fraction_of_read_bw"] = read_gbps / result["read_bandwidth_gbps"]
+    below = sorted({(r["set"], r["dtype"], r["arm"]) for r in rows if r["x_floor"] < 1})
+    if below:
+        notes.append("Faster than the floor (the floor is wrong for these rows): "
+                     + ", ".join(" ".join(b) for b in below) + ".")
     result["rows"] = rows
+    result["training"] = [
+        training.run(name,
+                     training.QUICK_TRAINING_BUDGET if args.quick
+                     else training.TRAINING_BUDGETS.get(name, training.QUICK_TRAINING_BUDGET),
+                     progress)
+        for name in training_names
+    ]
+    progress.close()
 
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -4,7 +4,9 @@ Every arm is prepared on a parameter and gradient tree, then ``step()`` runs
 one whole optimizer step and returns once the new parameters and state are
 computed (``mx.eval`` for MLX; PyTorch on the CPU is synchronous).
 ``steps_done()`` reads the optimizer's own step counter, so the benchmark can
-check that every timed call really updated the state.
+check that every timed call really updated the state. ``fused-sr`` is
+``fused`` with ``stochastic_rounding=True``, run for bfloat16 and float16
+only (in float32 it is the same step).
 """
 
 import mlx.core as mx
@@ -14,9 +16,11 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_adafactor
 
-MLX_ARMS = ("mlx-stock", "mlx-stock-compiled", "fused", "fused-compiled")
+MLX_ARMS = ("mlx-stock", "mlx-stock-compiled", "fused", "fused-compiled", "fused-sr")
 TORCH_ARMS = ("torch-loop", "torch-foreach")
 ALL_ARMS = MLX_ARMS + TORCH_ARMS
+# Arms that differ from another only in 16-bit storage; not run in float32.
+LOW_PRECISION_ARMS = ("fused-sr",)
 
 # torch.optim.Adafactor with the settings closest to MLX's defaults:
 # lr=1e-2 is MLX's relative-step cap min(1e-2, 1/sqrt(t)); beta2_decay is
@@ -39,15 +43,17 @@ def torch_available():
 
 class MlxArm:
     """An MLX optimizer class, eager or with the step under ``mx.compile``
-    (state passed as the compiled function's implicit inputs and outputs)."""
+    (state passed as the compiled function's implicit inputs and outputs),
+    constructed with ``options``."""
 
-    def __init__(self, name, optimizer_class, compiled):
+    def __init__(self, name, optimizer_class, compiled, **options):
         self.name = name
         self.optimizer_class = optimizer_class
         self.compiled = compiled
+        self.options = options
 
     def prepare(self, params, grads):
-        self.opt = self.optimizer_class()
+        self.opt = self.optimizer_class(**self.options)
         self.opt.init(params)
         mx.eval(self.opt.state)
         self.params, self.grads = params, grads
@@ -117,6 +123,9 @@ def make(name):
         return MlxArm(name, mlx_fused_adafactor.Adafactor, compiled=False)
     if name == "fused-compiled":
         return MlxArm(name, mlx_fused_adafactor.Adafactor, compiled=True)
+    if name == "fused-sr":
+        return MlxArm(name, mlx_fused_adafactor.Adafactor, compiled=False,
+                      stochastic_rounding=True)
     if name == "torch-loop":
         return TorchArm(name, foreach=False)
     if name == "torch-foreach":

@@ -75,16 +75,32 @@ def summarize(times):
 
 
 def release_memory():
-    """Drop garbage and MLX's (and the package's) cached buffers so the next
-    arm's peak memory starts from its own inputs."""
+    """Drop garbage and MLX's cached buffers, and give freed heap memory back
+    to the system, so the next arm's peak and resident memory start from its
+    own inputs."""
     gc.collect()
-    try:
-        from mlx_fused_adafactor import _build
-
-        _build.ext.clear_buffer_cache()
-    except ImportError:
-        pass
     mx.clear_cache()
+    _malloc_trim()
+
+
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def resident_bytes():
+    """The process's resident memory (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _cpu_model():

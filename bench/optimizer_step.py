@@ -1,18 +1,21 @@
 """How long does one optimizer step take, per parameter set, dtype, device
-and arm, and how close is it to the memory-bandwidth limit?
+and arm, how far is it from the least time its memory traffic can take, and
+how much memory does it hold?
 
-A step is memory-bound. The least a step can move is three reads of the
-gradient, two of the parameter and one write of the parameter, 6 bytes per
-value per byte of element size (2-byte elements for bfloat16); optimizer
-state traffic is not counted, so this floor is below what any real
-implementation moves. ``gbps`` is that floor divided by the median step
-time, and ``fraction_of_copy_bw`` (filled in by the caller) divides it by the
-copy bandwidth measured in the same run.
+Each (set, dtype) group first times its floor (bench/floor.py: one read of
+the gradient, then a read of the gradient and the parameter and a write of
+the parameter, with numpy at the set's own size), then every arm. A row's
+``x_floor`` is its median over the floor's median; ``gbps`` is the floor's
+bytes over the row's median.
 
-Peak memory is ``mx.get_peak_memory()`` over one arm's setup and steps: the
-parameters, gradients and state that are live plus the step's temporaries
-(``peak_memory_above_inputs_bytes`` leaves out what was allocated before the
-arm started). PyTorch allocates outside MLX, so its arms report none.
+Memory per arm: ``peak_memory_bytes`` is ``mx.get_peak_memory()`` over the
+arm's setup and steps (the live parameters, gradients and state plus the
+step's temporaries; ``peak_memory_above_inputs_bytes`` leaves out what was
+allocated before the arm started); ``rss_after_step_bytes`` is the
+process's resident memory after the last timed step, with the parameters
+and state alive (``rss_above_start_bytes``: above the resident memory just
+before the arm, after MLX's cache was cleared and freed heap memory
+returned). PyTorch allocates outside MLX, so its arms report no MLX peak.
 
     python -m bench.optimizer_step --sets matrix-1024 --quick
 """
@@ -20,24 +23,19 @@ arm started). PyTorch allocates outside MLX, so its arms report none.
 import mlx.core as mx
 
 from . import arms as arms_mod
+from . import floor as floor_mod
 from . import sets as sets_mod
-from .common import dtype_name, device_name, release_memory, summarize, time_steps
-
-MIN_READS_GRAD, MIN_READS_PARAM, MIN_WRITES_PARAM = 3, 2, 1
-MIN_READS = MIN_READS_GRAD + MIN_READS_PARAM
-
-
-def min_bytes(n_values, dtype):
-    per_value = MIN_READS + MIN_WRITES_PARAM
-    return per_value * n_values * dtype.size
-
+from .common import (dtype_name, device_name, release_memory, resident_bytes,
+                     summarize, time_steps)
 
 def _time_arm(arm, params, grads, budget):
     release_memory()
     mx.reset_peak_memory()
     active_before = mx.get_active_memory()
+    rss_before = resident_bytes()
     arm.prepare(params, grads)
     times = time_steps(arm.step, budget)
+    rss_after = resident_bytes()
     done = arm.steps_done()
     if done != budget.warmup + len(times):
         raise RuntimeError(
@@ -49,6 +47,9 @@ def _time_arm(arm, params, grads, budget):
     arm.close()
     release_memory()
     row = summarize(times)
+    row["rss_after_step_bytes"] = rss_after
+    row["rss_above_start_bytes"] = (
+        rss_after - rss_before if rss_after is not None else None)
     if isinstance(arm, arms_mod.MlxArm):
         row["peak_memory_bytes"] = int(peak)
         row["peak_memory_above_inputs_bytes"] = int(peak - active_before)
@@ -58,8 +59,9 @@ def _time_arm(arm, params, grads, budget):
     return row
 
 
-def _add_ratios(rows):
-    """Speedups of every row over the baselines measured beside it."""
+def _add_ratios(rows, floor):
+    """Speedups of every row over the baselines measured beside it, and its
+    multiple of the floor."""
     by_arm = {r["arm"]: r["median_ms"] for r in rows}
     torch_ms = [by_arm[a] for a in arms_mod.TORCH_ARMS if a in by_arm]
     for r in rows:
@@ -70,6 +72,16 @@ def _add_ratios(rows):
             ("speedup_vs_best_torch", min(torch_ms) if torch_ms else None),
         ):
             r[key] = base / ms if base is not None else None
+        r["floor_ms"] = floor["median_ms"]
+        r["floor_p20_ms"] = floor["p20_ms"]
+        r["floor_p80_ms"] = floor["p80_ms"]
+        r["floor_way"] = floor["way"]
+        r["floor_bytes"] = floor["bytes"]
+        r["x_floor"] = ms / floor["median_ms"]
+        r["gbps"] = floor["bytes"] / (ms * 1e-3) / 1e9
+    fused = by_arm.get("fused")
+    for r in rows:
+        r["x_fused"] = r["median_ms"] / fused if fused else None
 
 
 def cells(set_list, dtypes, devices, arm_names):
@@ -81,12 +93,14 @@ def cells(set_list, dtypes, devices, arm_names):
                 for arm in arm_names:
                     if arm in arms_mod.TORCH_ARMS and device != mx.cpu:
                         continue
+                    if arm in arms_mod.LOW_PRECISION_ARMS and dtype == mx.float32:
+                        continue
                     out.append((device, key, dtype, arm))
     return out
 
 
 def run(set_list, dtypes, devices, arm_names, budget, progress, on_group=None):
-    """Time every cell; return the rows (without bandwidth fractions).
+    """Time every cell and each group's floor; return the rows.
     ``on_group(rows)`` is called with the rows so far after each (device,
     set, dtype) group."""
     rows = []
@@ -102,6 +116,8 @@ def run(set_list, dtypes, devices, arm_names, budget, progress, on_group=None):
                     if not names:
                         continue
                     params, grads = sets_mod.build(shapes, dtype)
+                    progress.label(f"{key} {dtype_name(dtype)} floor")
+                    floor = floor_mod.measure(n_values, dtype.size, budget)
                     group = []
                     for name in names:
                         progress.label(f"{key} {dtype_name(dtype)} "
@@ -115,13 +131,11 @@ def run(set_list, dtypes, devices, arm_names, budget, progress, on_group=None):
                             "device_is_default": device == default,
                             "n_tensors": len(shapes),
                             "n_values": n_values,
-                            "min_bytes": min_bytes(n_values, dtype),
                         }
                         row.update(_time_arm(arms_mod.make(name), params, grads, budget))
-                        row["gbps"] = row["min_bytes"] / (row["median_ms"] * 1e-3) / 1e9
                         group.append(row)
                         progress.advance()
-                    _add_ratios(group)
+                    _add_ratios(group, floor)
                     rows.extend(group)
                     if on_group is not None:
                         on_group(rows)
@@ -153,4 +167,4 @@ if __name__ == "__main__":
         ratio = r["speedup_vs_stock"]
         vs_stock = f"  x{ratio:.2f} vs stock" if ratio is not None else ""
         print(f"{r['set']:>12} {r['arm']:>20} {r['median_ms']:9.3f} ms "
-              f"{r['gbps']:6.2f} GB/s{vs_stock}")
+              f"{r['x_floor']:6.2f} x floor{vs_stock}")

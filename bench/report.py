@@ -10,24 +10,27 @@ ARM_LABELS = {
     "mlx-stock-compiled": "stock compiled",
     "fused": "fused",
     "fused-compiled": "fused compiled",
+    "fused-sr": "fused + stochastic rounding",
     "torch-loop": "torch loop",
     "torch-foreach": "torch foreach",
+    "forward-backward": "forward and backward only",
 }
 
-MIN_BYTES_NOTE = (
-    "Minimal bytes per step = values x element size x 6 (three reads of the "
-    "gradient, two of the parameter, one write of the parameter; 2-byte "
-    "elements for bfloat16). Optimizer state traffic is not counted, so the "
-    "fraction of copy bandwidth is an upper bound on how close a step is to "
-    "the limit. The fraction of read bandwidth counts only the five minimal "
-    "reads, at the read bandwidth measured in the same run: a step that "
-    "reached 100% would be reading all the time, with its write free."
+FLOOR_NOTE = (
+    "Floor: the least memory traffic a two-pass step must do, timed in the "
+    "same run at each row's size (bench/floor.py): one read of the gradient, "
+    "then a read of the gradient and the parameter and a write of the "
+    "parameter, by numpy on one thread or on all cores, whichever is faster. "
+    "State traffic is not counted, so no step can reach 1.0x. GB/s is those "
+    "four transfers over a row's median."
 )
 
 MEMORY_NOTE = (
     "Peak MB is MLX's allocator peak (mx.get_peak_memory) during one arm: the "
     "live parameters, gradients and state plus the step's temporaries; not "
-    "measured for PyTorch."
+    "measured for PyTorch. RSS MB is the process's resident memory after the "
+    "arm's last step, with its parameters and state alive (the arm started "
+    "after MLX's cache was cleared and freed heap memory returned)."
 )
 
 TORCH_NOTE = (
@@ -58,6 +61,14 @@ def _pct(f):
     return "-" if f is None else f"{100 * f:.0f}%"
 
 
+def _times(f):
+    return "-" if f is None else f"{f:.2f}x"
+
+
+def _cost(f):
+    return "-" if f is None else f"{100 * (f - 1):+.0f}%"
+
+
 def _mb(b):
     if b is None:
         return "-"
@@ -80,48 +91,78 @@ def _groups(rows):
     return out
 
 
+def _by(by_arm, arm, key, fmt):
+    r = by_arm.get(arm)
+    return fmt(r[key]) if r and r.get(key) is not None else "-"
+
+
 def summary_table(result):
-    """Median ms per arm for each set and dtype, and the fused step's ratios."""
+    """Median ms per arm for each set and dtype, the fused step's ratios,
+    the floor and memory."""
     arms = [a for a in ALL_ARMS if any(r["arm"] == a for r in result["rows"])]
     devices = {r["device"] for r in result["rows"]}
     header = (["set", "dtype"] + (["device"] if len(devices) > 1 else [])
               + [ARM_LABELS[a] + " ms" for a in arms]
               + ["fused vs stock", "vs stock compiled", "vs best torch",
-                 "fused GB/s", "fused % of copy BW", "fused % of read BW"])
+                 "floor ms", "fused x floor", "fused compiled x floor",
+                 "stochastic rounding cost",
+                 "peak MB stock / fused", "RSS MB stock / fused"])
     body = []
     for (device, _, dtype), by_arm in _groups(result["rows"]).items():
         any_row = next(iter(by_arm.values()))
         fused = by_arm.get("fused")
         line = [any_row["set_label"], dtype] + ([device] if len(devices) > 1 else [])
         line += [_ms(by_arm[a]["median_ms"]) if a in by_arm else "-" for a in arms]
-        if fused:
-            line += [_x(fused["speedup_vs_stock"]), _x(fused["speedup_vs_stock_compiled"]),
-                     _x(fused["speedup_vs_best_torch"]), f"{fused['gbps']:.1f}",
-                     _pct(fused["fraction_of_copy_bw"]), _pct(fused["fraction_of_read_bw"])]
-        else:
-            line += ["-"] * 6
+        line += [_by(by_arm, "fused", "speedup_vs_stock", _x),
+                 _by(by_arm, "fused", "speedup_vs_stock_compiled", _x),
+                 _by(by_arm, "fused", "speedup_vs_best_torch", _x),
+                 _ms(any_row["floor_ms"]),
+                 _by(by_arm, "fused", "x_floor", _times),
+                 _by(by_arm, "fused-compiled", "x_floor", _times),
+                 _by(by_arm, "fused-sr", "x_fused", _cost),
+                 f"{_by(by_arm, 'mlx-stock', 'peak_memory_bytes', _mb)} / "
+                 f"{_by(by_arm, 'fused', 'peak_memory_bytes', _mb)}",
+                 f"{_by(by_arm, 'mlx-stock', 'rss_after_step_bytes', _mb)} / "
+                 f"{_by(by_arm, 'fused', 'rss_after_step_bytes', _mb)}"]
+        if fused is None:
+            line[-9:-6] = ["-"] * 3
         body.append(line)
     return _table(header, body)
 
 
 def full_table(result):
     header = ["set", "dtype", "device", "arm", "median ms", "p20-p80 ms",
-              "vs stock", "vs stock compiled", "peak MB", "GB/s", "% copy BW",
-              "% read BW"]
+              "vs stock", "vs stock compiled", "x floor", "GB/s", "peak MB",
+              "RSS MB", "RSS above start MB"]
     body = [[r["set"], r["dtype"], r["device"], ARM_LABELS[r["arm"]], _ms(r["median_ms"]),
              f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}", _x(r["speedup_vs_stock"]),
-             _x(r["speedup_vs_stock_compiled"]), _mb(r["peak_memory_bytes"]),
-             f"{r['gbps']:.2f}", _pct(r["fraction_of_copy_bw"]),
-             _pct(r["fraction_of_read_bw"])]
+             _x(r["speedup_vs_stock_compiled"]), _times(r["x_floor"]),
+             f"{r['gbps']:.2f}", _mb(r["peak_memory_bytes"]),
+             _mb(r["rss_after_step_bytes"]), _mb(r["rss_above_start_bytes"])]
             for r in result["rows"]]
     return _table(header, body)
 
 
+def floor_table(result):
+    """The floor of each group, and both ways of timing it."""
+    header = ["set", "dtype", "device", "floor ms", "p20-p80 ms", "way", "GB/s"]
+    body = []
+    for (device, set_key, dtype), by_arm in _groups(result["rows"]).items():
+        r = next(iter(by_arm.values()))
+        body.append([set_key, dtype, device, _ms(r["floor_ms"]),
+                     f"{_ms(r['floor_p20_ms'])}-{_ms(r['floor_p80_ms'])}",
+                     r["floor_way"].replace("_", " "),
+                     f"{r['floor_bytes'] / (r['floor_ms'] * 1e-3) / 1e9:.1f}"])
+    return _table(header, body)
+
+
 def training_table(training):
-    header = ["arm", "steps/s", "ms/step", "p20-p80 ms", "vs stock", "vs stock compiled"]
+    header = ["arm", "steps/s", "ms/step", "p20-p80 ms", "vs stock",
+              "vs stock compiled", "optimizer's share of the step"]
     body = [[ARM_LABELS[r["arm"]], f"{r['steps_per_second']:.2f}", _ms(r["median_ms"]),
              f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}", _x(r["speedup_vs_stock"]),
-             _x(r["speedup_vs_stock_compiled"])] for r in training["rows"]]
+             _x(r["speedup_vs_stock_compiled"]), _pct(r.get("optimizer_share"))]
+            for r in training["rows"]]
     return _table(header, body)
 
 
@@ -136,26 +177,18 @@ def machine_line(result):
 
 
 def markdown(result, plot_name):
-    bw = result["copy_bandwidth"]
-    methods = ", ".join(f"{k} {v:.1f}" for k, v in bw["gbps"].items())
-    reads = ", ".join(f"{k} {v:.1f}" for k, v in bw["read_gbps"].items())
     parts = [
         "# Adafactor step benchmark",
         "",
         f"Machine: {machine_line(result)}.",
         "",
-        f"Copy bandwidth (read + write, measured in this run): "
-        f"**{result['copy_bandwidth_gbps']:.1f} GB/s** (best of {methods} GB/s; "
-        f"{bw['buffer_bytes'] / 2**20:.0f} MiB buffers).",
-        "",
-        f"Read bandwidth (measured in this run): "
-        f"**{result['read_bandwidth_gbps']:.1f} GB/s** (best of {reads} GB/s).",
-        "",
         f"Timing: {result['budget']['warmup']} warm-up steps, then at least "
         f"{result['budget']['min_reps']} timed steps (more while under "
         f"{result['budget']['seconds']} s); median and 20th/80th percentile; "
         "`mx.eval(params, opt.state)` after every MLX step. Speedups are ratios "
-        "of medians measured in the same run.",
+        "of medians measured in the same run. Each row is also a multiple of "
+        "its floor, the least memory traffic a step of its size must do, "
+        "timed in the same run (below).",
         "",
         "## One optimizer step (median ms)",
         "",
@@ -163,22 +196,24 @@ def markdown(result, plot_name):
         "",
     ]
     if plot_name:
-        parts += [f"![time per step and fraction of copy bandwidth]({plot_name})", ""]
-    if result.get("training"):
-        t = result["training"]
+        parts += [f"![time per step and multiple of the floor]({plot_name})", ""]
+    for t in result.get("training") or []:
         c = t["config"]
         parts += [
-            "## End to end: training loop",
+            f"## End to end: training loop ({t['name']})",
             "",
             f"Causal transformer: layers {c['layers']}, width {c['dims']}, "
             f"heads {c['heads']}, vocabulary {c['vocab']}, batch {c['batch']} x "
             f"{c['seq']} tokens, {t['n_params'] / 1e6:.2f}M float32 parameters; "
-            "forward, backward and optimizer step per step.",
+            "forward, backward and optimizer step per step, round-robin. The "
+            "optimizer's share of an eager step is 1 - (forward and backward "
+            "only) / step.",
             "",
             training_table(t),
             "",
         ]
-    parts += ["## All measurements", "", full_table(result), "", MIN_BYTES_NOTE, "", MEMORY_NOTE, ""]
+    parts += ["## Floors", "", floor_table(result), "", FLOOR_NOTE, "",
+              "## All measurements", "", full_table(result), "", MEMORY_NOTE, ""]
     if result.get("torch_version"):
         parts += [TORCH_NOTE, ""]
     parts += [f"Notes: {' '.join(result['notes'])}", ""] if result["notes"] else []
@@ -186,8 +221,8 @@ def markdown(result, plot_name):
 
 
 def plot(result, path):
-    """Time per step and fraction of copy bandwidth against tensor size, one
-    line per arm, one column per dtype. Uses the matrix sweep when it was run,
+    """Time per step and multiple of the floor against tensor size, one line
+    per arm, one column per dtype. Uses the matrix sweep when it was run,
     otherwise every set by its number of values."""
     import matplotlib
 
@@ -208,8 +243,14 @@ def plot(result, path):
     for col, dtype in enumerate(dtypes):
         ax_t, ax_f = axes[0][col], axes[1][col]
         for device in devices:
+            floor = sorted({(r["n_values"], r["floor_ms"]) for r in rows
+                            if r["dtype"] == dtype and r["device"] == device})
+            if floor:
+                ax_t.plot([p[0] for p in floor], [p[1] for p in floor], color="black",
+                          linestyle=":", marker=".",
+                          label="floor" + (f" ({device})" if len(devices) > 1 else ""))
             for arm in ALL_ARMS:
-                pts = sorted((r["n_values"], r["median_ms"], r["fraction_of_copy_bw"])
+                pts = sorted((r["n_values"], r["median_ms"], r["x_floor"])
                              for r in rows
                              if r["arm"] == arm and r["dtype"] == dtype and r["device"] == device)
                 if not pts:
@@ -218,13 +259,13 @@ def plot(result, path):
                 x = [p[0] for p in pts]
                 kw = dict(marker="o", color=colors[arm], linestyle=styles[device], label=label)
                 ax_t.plot(x, [p[1] for p in pts], **kw)
-                ax_f.plot(x, [100 * p[2] for p in pts], **kw)
-        ax_f.axhline(100, color="black", linewidth=0.8, linestyle=":")
+                ax_f.plot(x, [p[2] for p in pts], **kw)
+        ax_f.axhline(1, color="black", linewidth=0.8, linestyle=":")
         ax_t.set(xscale="log", yscale="log", ylabel="ms per step (median)",
                  title=f"{dtype}: time per step")
-        ax_f.set(xscale="log", yscale="log", ylabel="% of copy bandwidth",
+        ax_f.set(xscale="log", yscale="log", ylabel="multiple of the floor",
                  xlabel="matrix size" if sweep else "values in the set",
-                 title=f"{dtype}: minimal bytes / time / copy bandwidth")
+                 title=f"{dtype}: time / floor (1 = the least traffic's time)")
         for ax in (ax_t, ax_f):
             ax.grid(True, which="both", alpha=0.3)
             ax.yaxis.set_major_formatter(plain)

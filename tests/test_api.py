@@ -436,8 +436,8 @@ def test_multi_optimizer_two_fused_and_state_round_trip():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "lazy"])
 def test_old_arrays_survive_later_steps(compiled):
-    """The eager step reuses freed output buffers and the lazy one donates
-    inputs; arrays the caller still holds must never be overwritten."""
+    """Outputs take over donatable inputs' buffers (NOTE: [donation]);
+    arrays the caller still holds must never be overwritten."""
     params = nested_params()
     grads = [grads_for(params, i) for i in range(6)]
     opt = Adafactor(beta_1=0.9)
@@ -508,9 +508,8 @@ def test_module_with_non_array_attributes_and_frozen_layer(compiled):
 
 
 def test_alternating_eager_and_compiled_steps():
-    """State arrays pass between the eager path (buffer-cache outputs) and
-    the compiled primitive (donated inputs) and back: bitwise the all-eager
-    run."""
+    """State arrays pass between the eager path and the compiled primitive
+    and back: bitwise the all-eager run."""
     params = nested_params()
     grads = [grads_for(params, i) for i in range(6)]
     ref = Adafactor(beta_1=0.9)

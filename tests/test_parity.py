@@ -315,6 +315,30 @@ def test_noncontiguous_inputs_match_stock():
     check_fused_paths(out, TOL["float32"]["STOCK"], "non-contiguous")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_large_strided_gradients_equal_contiguous_copies(compiled):
+    """Gradients as the backward pass leaves them (a linear layer's weight
+    gradient is a transposed view), large enough to be deferred and copied
+    in many tiles on every thread; also batched, reversed and broadcast:
+    bitwise the step on contiguous copies."""
+    shapes = {"t": (700, 1100), "b": (3, 130, 700), "r": (300_000,), "c": (600, 520)}
+    params = {k: rand(s, 60 + i) for i, (k, s) in enumerate(shapes.items())}
+    grads = []
+    for j in range(2):
+        grads.append({
+            "t": rand((1100, 700), 70 + j).T,
+            "b": mx.swapaxes(rand((3, 700, 130), 80 + j), 1, 2),
+            "r": rand((300_000,), 90 + j)[::-1],
+            "c": mx.broadcast_to(rand((1, 520), 95 + j), (600, 520)),
+        })
+    contiguous = [{k: mx.array(np.array(v)) for k, v in g.items()} for g in grads]
+    out = {}
+    for name, gs in (("views", grads), ("copies", contiguous)):
+        opt = Adafactor(beta_1=0.9)
+        out[name] = (run(opt, params, gs, compiled=compiled), opt.state)
+    assert_trees_equal(out["views"], out["copies"], "strided vs contiguous")
+
+
 def test_many_tensors_one_step_match_stock():
     # Enough tensors and elements for the threaded path, fused in one
     # primitive: every one must match its own stock update.

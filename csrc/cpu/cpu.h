@@ -33,7 +33,7 @@ std::shared_ptr<StepRunner> make_runner(
     std::vector<mx::array>& outputs);
 
 // AdafactorStep::eval_cpu: give the outputs buffers (an input's own when
-// MLX says it can be donated) and encode the step on the stream.
+// it can be donated, NOTE: [donation]) and encode the step on the stream.
 void eval(
     const AdafactorHyper& h,
     const std::vector<AF_UINT>& keys,
@@ -42,7 +42,8 @@ void eval(
     mx::Stream stream);
 
 // NOTE: [eager step]: evaluate `inputs` and run the step at once; returns
-// evaluated outputs of the given shapes and dtypes.
+// evaluated outputs of the given shapes and dtypes, in fresh buffers
+// (NOTE: [output buffers]).
 std::vector<mx::array> run_eager(
     const AdafactorHyper& h,
     const std::vector<AF_UINT>& keys,

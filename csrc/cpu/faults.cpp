@@ -5,6 +5,7 @@
 #if defined(AF_FAULTS)
 
 #include <cstdlib>
+#include <string>
 
 namespace mlx_fused_adafactor::cpu {
 
@@ -14,6 +15,11 @@ bool fault_active(Fault f) {
     return env ? std::atoi(env) : 0;
   }();
   return static_cast<int>(f) == selected;
+}
+
+bool self_check_off() {
+  const char* env = std::getenv("MLX_FUSED_ADAFACTOR_SELF_CHECK");
+  return env && std::string(env) == "off";
 }
 
 const char* fault_name(Fault f) {
@@ -36,6 +42,10 @@ const char* fault_name(Fault f) {
       return "sequential_row_sum";
     case Fault::StepHoldsGil:
       return "step_holds_gil";
+    case Fault::NoDonation:
+      return "no_donation";
+    case Fault::DonateHeld:
+      return "donate_held";
     case Fault::PartialsWithoutRows:
       return "partials_without_rows";
     default:

@@ -28,6 +28,8 @@ enum class Fault : int {
   FoldWeightsByCf, // the folded sum(u^2) weighs T_j by cf_j, not cf_j^2
   SequentialRowSum, // the mean of the row state is one running float sum
   StepHoldsGil, // apply_leaves keeps the GIL while the step evaluates
+  NoDonation, // outputs never take over an input's buffer
+  DonateHeld, // inputs give their buffer even while others hold them
   // Out of bounds:
   PartialsWithoutRows, // a matrix without rows folds and reads partials
   Count,
@@ -35,6 +37,10 @@ enum class Fault : int {
 
 #if defined(AF_FAULTS)
 bool fault_active(Fault f);
+// MLX_FUSED_ADAFACTOR_SELF_CHECK=off: the CPU tests of tests/test_faults.py
+// must run the planted fault, not the reference the self-check would fall
+// back to (NOTE: [self-check]).
+bool self_check_off();
 const char* fault_name(Fault f);
 #define AF_FAULT(f) (::mlx_fused_adafactor::cpu::fault_active(f))
 #else

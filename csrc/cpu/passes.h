@@ -41,8 +41,9 @@
 // NOTE: [simd clones]
 // The passes are built twice on x86-64, for the baseline (SSE2) and for
 // AVX2, and the loader picks the clone the machine supports. AVX2 doubles
-// the lanes of the float16/bfloat16 conversions, which otherwise keep the
-// low-precision step short of memory bandwidth.
+// the lanes of the bfloat16 conversions and of the arithmetic; float16 (and
+// bfloat16 in pass 3) is converted outside the loops (NOTE: [float16
+// blocks]).
 
 #pragma once
 
@@ -52,7 +53,9 @@
 #include <vector>
 
 #include "adafactor_math.h"
+#include "cpu/convert.h"
 #include "cpu/faults.h"
+#include "cpu/rounding.h"
 #include "cpu/tensor.h"
 #include "cpu/types.h"
 
@@ -118,6 +121,73 @@ inline void store(T* x, int64_t i, float v) {
   x[i] = from_float<T>(v);
 }
 
+// NOTE: [float16 blocks]: rows of at most this many elements are staged
+// whole (the row sums run over them); pass 3 stages kStageBlock at a time.
+constexpr int64_t kStageBlock = 2048;
+
+// A per-thread buffer of at least `n` floats for staged float16 data
+// (NOTE: [float16 blocks]); slot 0 for pass 3's blocks, 1 for whole rows.
+inline float* stage_buffer(int slot, size_t n) {
+  thread_local std::vector<float> buffers[2];
+  auto& b = buffers[slot];
+  if (b.size() < n) {
+    b.resize(n);
+  }
+  return b.data();
+}
+
+// Whether any of the storage types is float16.
+template <typename... T>
+constexpr bool any_f16 = (std::is_same_v<T, f16> || ...);
+
+// `n` values at `x` as the loops read them: float16 converted into `buf`
+// (NOTE: [float16 blocks]), and bfloat16 too where `Bf16` (pass 3), any
+// other storage where it is.
+template <bool Bf16 = false, typename T>
+inline auto staged(const T* x, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, f16>) {
+    halves_to_floats(x, buf, n);
+    return static_cast<const float*>(buf);
+  } else if constexpr (Bf16 && std::is_same_v<T, bf16>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = to_float(x[i]);
+    }
+    return static_cast<const float*>(buf);
+  } else {
+    return x;
+  }
+}
+
+// Where the loops write `n` values bound for `x`: a float buffer for the
+// 16-bit types staged above, written back by store_halves; any other
+// storage itself.
+template <bool Bf16 = false, typename T>
+inline auto staging_out(T* x, float* buf) {
+  if constexpr (std::is_same_v<T, f16> || (Bf16 && std::is_same_v<T, bf16>)) {
+    return buf;
+  } else {
+    return x;
+  }
+}
+
+template <bool Bf16 = false, typename T, typename S>
+inline void store_halves(T* x, const S* staged_out, int64_t n) {
+  if constexpr (std::is_same_v<T, f16>) {
+    floats_to_halves(staged_out, x, n);
+  } else if constexpr (Bf16 && std::is_same_v<T, bf16>) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = from_float<bf16>(staged_out[i]);
+    }
+  }
+}
+
+// Whether pass 3 stages: any 16-bit storage type.
+template <typename... T>
+constexpr bool any_16bit =
+    ((std::is_same_v<T, f16> || std::is_same_v<T, bf16>) || ...);
+
 // Per-thread sums of one chunk of rows: column sums of g^2 + eps1, then the
 // T_j of NOTE: [folded update sum]. On the heap: 128 KiB is too much for
 // some thread stacks (512 KiB on macOS).
@@ -137,23 +207,21 @@ inline float new_row(
   return adafactor_ema(x.row[rr], row_sum * t.geo.inv_cols, s);
 }
 
-// Columns [c0, c1) of the row at `base` into pass 1's sums: rs += the
+// Columns [c0, c1) of a row (p and g, loaded or staged) into pass 1's sums: rs += the
 // row's g^2 + eps1, col_chunk[c] += the column's (the first col_w columns),
 // ps += p^2. Always inlined, so it takes the caller's clone
 // (NOTE: [simd clones]).
-template <typename P, typename G>
+template <typename PP, typename GP>
 AF_INLINE void sum_row(
-    const TensorData<P, G>& x,
+    const PP* p,
+    const GP* g,
     const AdafactorHyper& h,
-    int64_t base,
     int64_t c0,
     int64_t c1,
     int64_t col_w,
     float* col_chunk,
     float& rs,
     float& ps) {
-  const P* p = x.param + base;
-  const G* g = x.grad + base;
   float r = rs;
   float q = ps;
 #pragma omp simd reduction(+ : r, q)
@@ -195,6 +263,7 @@ AF_SIMD_CLONES ItemSums pass1_factored(
   sums.fold_ok = true;
   float* col_chunk = chunk_buffer();
   float* fold_chunk = col_chunk + AF_CPU_COL_BLOCK;
+  float* stage = any_f16<P, G> ? stage_buffer(1, 2 * w) : nullptr;
   // Sum in chunks of rows, then fold (NOTE: [chunked sums]).
   for (int64_t rc = tile.r0; rc < tile.r1; rc += kSumChunk) {
     const int64_t rc1 = std::min<int64_t>(tile.r1, rc + kSumChunk);
@@ -205,19 +274,20 @@ AF_SIMD_CLONES ItemSums pass1_factored(
     float p2_chunk = 0.0f;
     for (int64_t r = rc; r < rc1; ++r) {
       const int64_t base = (mat + r) * geo.cols + tile.c0;
-      const G* g = x.grad + base;
+      const auto* p = staged(x.param + base, w, stage);
+      const auto* g = staged(x.grad + base, w, stage + w);
       const int64_t col_w = AF_FAULT(Fault::DropLastColumn) ? w - 1 : w;
       // Sum the row in chunks of columns (NOTE: [chunked sums]).
       float rs = 0.0f;
       float ps = 0.0f;
       if (w <= kSumChunk) {
-        sum_row(x, h, base, 0, w, col_w, col_chunk, rs, ps);
+        sum_row(p, g, h, 0, w, col_w, col_chunk, rs, ps);
       } else {
         for (int64_t cc = 0; cc < w; cc += kSumChunk) {
           const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
           float rs_chunk = 0.0f;
           float ps_chunk = 0.0f;
-          sum_row(x, h, base, cc, cc1, col_w, col_chunk, rs_chunk, ps_chunk);
+          sum_row(p, g, h, cc, cc1, col_w, col_chunk, rs_chunk, ps_chunk);
           rs += rs_chunk;
           ps += ps_chunk;
         }
@@ -262,19 +332,21 @@ AF_SIMD_CLONES ItemSums pass1_flat(
     const AdafactorStepScalars s) {
   int64_t lo, hi;
   flat_range(t.geo.n, it, lo, hi);
-  // Local pointers: through `x` GCC does not vectorize this loop.
-  const P* p = x.param;
-  const G* g = x.grad;
-  const float* sq_in = x.sq;
-  float* sq_out = x.sq_out;
   const bool no_eps = AF_FAULT(Fault::FlatWithoutEps1);
+  float* stage = any_f16<P, G> ? stage_buffer(1, 2 * kSumChunk) : nullptr;
   ItemSums sums;
   for (int64_t ec = lo; ec < hi; ec += kSumChunk) {
     const int64_t ec1 = std::min<int64_t>(hi, ec + kSumChunk);
+    const int64_t n = ec1 - ec;
+    // Local pointers: through `x` GCC does not vectorize this loop.
+    const auto* p = staged(x.param + ec, n, stage);
+    const auto* g = staged(x.grad + ec, n, stage + kSumChunk);
+    const float* sq_in = x.sq + ec;
+    float* sq_out = x.sq_out + ec;
     float p2_chunk = 0.0f;
     float u2_chunk = 0.0f;
 #pragma omp simd reduction(+ : p2_chunk, u2_chunk)
-    for (int64_t e = ec; e < ec1; ++e) {
+    for (int64_t e = 0; e < n; ++e) {
       const float pv = load(p, e);
       p2_chunk += pv * pv;
       const float gv = load(g, e);
@@ -304,13 +376,15 @@ AF_SIMD_CLONES float pass2_factored(
   const float* col_fac =
       scratch + t.scratch.col_fac + it.matrix * geo.cols + tile.c0;
   const float* row_fac = scratch + t.scratch.row_fac;
+  float* stage = any_f16<G> ? stage_buffer(1, w) : nullptr;
   float u2 = 0.0f;
   for (int64_t rc = tile.r0; rc < tile.r1; rc += kSumChunk) {
     const int64_t rc1 = std::min<int64_t>(tile.r1, rc + kSumChunk);
     float u2_chunk = 0.0f;
     for (int64_t r = rc; r < rc1; ++r) {
       const float rf = row_fac[mat + r];
-      const G* g = x.grad + (mat + r) * geo.cols + tile.c0;
+      const auto* g =
+          staged(x.grad + (mat + r) * geo.cols + tile.c0, w, stage);
       float acc = 0.0f;
       for (int64_t cc = 0; cc < w; cc += kSumChunk) {
         const int64_t cc1 = std::min<int64_t>(w, cc + kSumChunk);
@@ -335,23 +409,111 @@ AF_SIMD_CLONES float pass2_factored(
 template <bool Stochastic, typename P>
 inline float rounded(float v, AF_UINT bits) {
   if constexpr (Stochastic && std::is_same_v<P, bf16>) {
-    return adafactor_round_bf16(v, bits);
+    return round_bf16_stochastic(v, bits);
   } else if constexpr (Stochastic && std::is_same_v<P, f16>) {
-    return adafactor_round_f16(v, bits);
+    return round_f16_stochastic(v, bits);
   } else {
     return v;
   }
 }
 
-// The random bits of element `e` of the stream with `key`.
-inline AF_UINT element_bits(AF_UINT key, int64_t e) {
-  return adafactor_random_bits(
-      key, static_cast<AF_UINT>(e), static_cast<AF_UINT>(e >> 32));
+// The random bits of the elements of a block [base, base + w) that does
+// not cross a multiple of 2^32: the high word of the index is constant, and
+// the loops count the low word in 32-bit lanes (`first`, then +1).
+struct BlockBits {
+  AF_UINT first;
+  AF_UINT hi;
+  explicit BlockBits(int64_t base)
+      : first(static_cast<AF_UINT>(base)),
+        hi(static_cast<AF_UINT>(base >> 32)) {}
+  AF_UINT operator()(AF_UINT key, AF_UINT lo) const {
+    return adafactor_random_bits(key, lo, hi);
+  }
+};
+
+// Apply the clipped update to `w` elements at `base`; `u_of(c, g)` forms
+// the unclipped update of element c from its gradient g. The options
+// adafactor_apply tests are template arguments, so its branches fold away
+// and the loops vectorize.
+template <
+    bool Momentum,
+    bool Decay,
+    bool Stochastic,
+    typename P,
+    typename G,
+    typename U>
+inline void apply_block(
+    const TensorData<P, G>& x,
+    const TensorPlan& t,
+    AdafactorHyper h,
+    int64_t base,
+    int64_t w,
+    U u_of) {
+  h.flags = (Momentum ? AF_MOMENTUM : 0) | (Decay ? AF_WEIGHT_DECAY : 0);
+  const AdafactorTensorScalars ts = t.ts;
+  const AF_UINT param_key = t.param_key;
+  const AF_UINT exp_avg_key = t.exp_avg_key;
+  const BlockBits element_bits(base);
+  // NOTE: [float16 blocks]: p, g, exp_avg in; p, exp_avg out.
+  float* stage =
+      any_16bit<P, G> ? stage_buffer(0, 5 * kStageBlock) : nullptr;
+  const auto* p = staged<true>(x.param + base, w, stage);
+  const auto* g = staged<true>(x.grad + base, w, stage + kStageBlock);
+  auto* p_out =
+      staging_out<true>(x.param_out + base, stage + 2 * kStageBlock);
+  if constexpr (Momentum) {
+    const auto* m =
+        staged<true>(x.exp_avg + base, w, stage + 3 * kStageBlock);
+    auto* m_out =
+        staging_out<true>(x.exp_avg_out + base, stage + 4 * kStageBlock);
+    AF_UINT lo = element_bits.first;
+#pragma omp simd linear(lo : 1)
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = load(m, c);
+      const float pv =
+          adafactor_apply(load(p, c), u_of(c, load(g, c)), mv, ts, h);
+      store(m_out, c,
+            rounded<Stochastic, P>(mv, element_bits(exp_avg_key, lo)));
+      store(p_out, c,
+            rounded<Stochastic, P>(pv, element_bits(param_key, lo)));
+      ++lo;
+    }
+    store_halves<true>(x.exp_avg_out + base, m_out, w);
+  } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
+    // The update rounded to the storage type before the subtraction.
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = 0.0f;
+      const float pv = load(p, c);
+      P update[1];
+      store(update, 0,
+            pv - adafactor_apply(pv, u_of(c, load(g, c)), mv, ts, h));
+      store(p_out, c, pv - load(update, 0));
+    }
+  } else {
+    AF_UINT lo = element_bits.first;
+#pragma omp simd linear(lo : 1)
+    for (int64_t c = 0; c < w; ++c) {
+      float mv = 0.0f;
+      const float pv =
+          adafactor_apply(load(p, c), u_of(c, load(g, c)), mv, ts, h);
+      store(p_out, c,
+            rounded<Stochastic, P>(pv, element_bits(param_key, lo)));
+      ++lo;
+    }
+  }
+  store_halves<true>(x.param_out + base, p_out, w);
 }
 
-// Apply the clipped update to `w` elements at `base`; `u_of(c)` forms the
-// unclipped update of element c.
-template <bool Momentum, bool Stochastic, typename P, typename G, typename U>
+// apply_block over `w` elements, kStageBlock at a time when float16 data
+// is staged (NOTE: [float16 blocks]), and split where the element index
+// crosses a multiple of 2^32 (BlockBits).
+template <
+    bool Momentum,
+    bool Decay,
+    bool Stochastic,
+    typename P,
+    typename G,
+    typename U>
 inline void apply_range(
     const TensorData<P, G>& x,
     const TensorPlan& t,
@@ -359,45 +521,20 @@ inline void apply_range(
     int64_t base,
     int64_t w,
     U u_of) {
-  const AdafactorTensorScalars ts = t.ts;
-  const AF_UINT param_key = t.param_key;
-  const AF_UINT exp_avg_key = t.exp_avg_key;
-  const P* p = x.param + base;
-  P* p_out = x.param_out + base;
-  if constexpr (Momentum) {
-    const P* m = x.exp_avg + base;
-    P* m_out = x.exp_avg_out + base;
-#pragma omp simd
-    for (int64_t c = 0; c < w; ++c) {
-      float mv = load(m, c);
-      const float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
-      store(m_out, c,
-            rounded<Stochastic, P>(mv, element_bits(exp_avg_key, base + c)));
-      store(p_out, c,
-            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
-    }
-  } else if (AF_FAULT(Fault::UpdateRoundedEarly)) {
-    // The update rounded to the storage type before the subtraction.
-    for (int64_t c = 0; c < w; ++c) {
-      float mv = 0.0f;
-      const float pv = load(p, c);
-      P update[1];
-      store(update, 0, pv - adafactor_apply(pv, u_of(c), mv, ts, h));
-      store(p_out, c, pv - load(update, 0));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t c = 0; c < w; ++c) {
-      float mv = 0.0f;
-      const float pv = adafactor_apply(load(p, c), u_of(c), mv, ts, h);
-      store(p_out, c,
-            rounded<Stochastic, P>(pv, element_bits(param_key, base + c)));
-    }
+  constexpr int64_t kWord = int64_t(1) << 32;
+  const int64_t block = any_16bit<P, G> ? kStageBlock : w;
+  for (int64_t c0 = 0; c0 < w;) {
+    const int64_t next_word = ((base + c0) / kWord + 1) * kWord;
+    const int64_t n = std::min({block, w - c0, next_word - (base + c0)});
+    apply_block<Momentum, Decay, Stochastic>(
+        x, t, h, base + c0, n,
+        [=](int64_t c, float gv) { return u_of(c0 + c, gv); });
+    c0 += n;
   }
 }
 
 // Pass 3 of one item: clip, scale and apply the update.
-template <bool Momentum, bool Stochastic, typename P, typename G>
+template <bool Momentum, bool Decay, bool Stochastic, typename P, typename G>
 AF_SIMD_CLONES void pass3(
     const TensorData<P, G>& x,
     const TensorPlan& t,
@@ -408,11 +545,11 @@ AF_SIMD_CLONES void pass3(
   if (!geo.factored) {
     int64_t lo, hi;
     flat_range(geo.n, it, lo, hi);
-    const G* g = x.grad + lo;
     const float* sq = x.sq_out + lo;
-    apply_range<Momentum, Stochastic>(x, t, h, lo, hi - lo, [=](int64_t c) {
-      return adafactor_flat_update(sq[c], load(g, c));
-    });
+    apply_range<Momentum, Decay, Stochastic>(
+        x, t, h, lo, hi - lo, [=](int64_t c, float gv) {
+          return adafactor_flat_update(sq[c], gv);
+        });
     return;
   }
   const TileRange tile = tile_range(t.tiles, geo.rows, geo.cols, it);
@@ -423,10 +560,9 @@ AF_SIMD_CLONES void pass3(
   for (int64_t r = tile.r0; r < tile.r1; ++r) {
     const float rf = row_fac[mat + r];
     const int64_t base = (mat + r) * geo.cols + tile.c0;
-    const G* g = x.grad + base;
-    apply_range<Momentum, Stochastic>(
-        x, t, h, base, tile.c1 - tile.c0, [=](int64_t c) {
-          return adafactor_factored_update(rf, col_fac[c], load(g, c));
+    apply_range<Momentum, Decay, Stochastic>(
+        x, t, h, base, tile.c1 - tile.c0, [=](int64_t c, float gv) {
+          return adafactor_factored_update(rf, col_fac[c], gv);
         });
   }
 }

@@ -6,51 +6,108 @@
 #include <functional>
 #include <stdexcept>
 
-#include "mlx/backend/common/utils.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/transforms.h"
 
-#include "cpu/buffer_cache.h"
+#include "cpu/buffers.h"
 #include "cpu/cpu.h"
 #include "cpu/step.h"
+#include "cpu/thread_pool.h"
 
 namespace mlx_fused_adafactor::cpu {
 
 namespace {
 
+// Copy the array at `src` with `shape` and `strides` (in elements) into
+// `dst` in row-major order. Work items are tiles of the last two
+// dimensions, kCopyTile square: a transposed matrix (the gradient of a
+// linear layer arrives as one) then reads cache lines it reuses instead of
+// one element per line.
+constexpr int64_t kCopyTile = 64;
+
+template <typename T>
+void copy_row_major(
+    T* dst,
+    const T* src,
+    const mx::Shape& shape,
+    const mx::Strides& strides) {
+  const int nd = static_cast<int>(shape.size());
+  const int64_t cols = nd >= 1 ? shape[nd - 1] : 1;
+  const int64_t col_stride = nd >= 1 ? strides[nd - 1] : 0;
+  const int64_t rows = nd >= 2 ? shape[nd - 2] : 1;
+  const int64_t row_stride = nd >= 2 ? strides[nd - 2] : 0;
+  int64_t outer = 1;
+  for (int d = 0; d + 2 < nd; ++d) {
+    outer *= shape[d];
+  }
+  const int64_t row_tiles = (rows + kCopyTile - 1) / kCopyTile;
+  const int64_t col_tiles = (cols + kCopyTile - 1) / kCopyTile;
+  const size_t items = static_cast<size_t>(outer * row_tiles * col_tiles);
+  auto copy_tile = [&](size_t k) {
+    const int64_t ct = static_cast<int64_t>(k) % col_tiles;
+    const int64_t rt = (static_cast<int64_t>(k) / col_tiles) % row_tiles;
+    const int64_t o = static_cast<int64_t>(k) / (col_tiles * row_tiles);
+    // The source offset of matrix o.
+    int64_t base = 0;
+    for (int64_t d = nd - 3, rest = o; d >= 0; --d) {
+      base += (rest % shape[d]) * strides[d];
+      rest /= shape[d];
+    }
+    const int64_t r0 = rt * kCopyTile, r1 = std::min(rows, r0 + kCopyTile);
+    const int64_t c0 = ct * kCopyTile, c1 = std::min(cols, c0 + kCopyTile);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* from = src + base + r * row_stride;
+      T* to = dst + (o * rows + r) * cols;
+      for (int64_t c = c0; c < c1; ++c) {
+        to[c] = from[c * col_stride];
+      }
+    }
+  };
+  // Fanning out costs more than copying a few tiles.
+  ThreadPool::instance().parallel_for(items, copy_tile, items < 16);
+}
+
 // The data of an input, or of a contiguous copy when it arrived with other
-// strides: the copy is made by a gather run once the input is ready.
+// strides: the copy (in a buffer from MLX's allocator, so MLX counts it) is
+// made by copy_row_major once the input is ready.
 class InputStaging {
  public:
   const void* data(const mx::array& a) {
     if (a.flags().row_contiguous || a.size() == 0) {
       return a.data<char>();
     }
-    auto& buf = staged_.emplace_back(a.nbytes());
-    char* dst = buf.data();
-    gathers_.push_back([dst,
-                        src = a.data<char>(),
-                        size = a.size(),
-                        item = a.itemsize(),
-                        shape = a.shape(),
-                        strides = a.strides()]() {
-      for (size_t e = 0; e < size; ++e) {
-        auto loc = mx::elem_to_loc(static_cast<int64_t>(e), shape, strides);
-        std::memcpy(dst + e * item, src + loc * item, item);
-      }
-    });
+    auto& buf = staged_.emplace_back(mx::allocator::malloc(a.nbytes()));
+    void* dst = buf.buffer().raw_ptr();
+    copies_.push_back({dst, a});
     return dst;
   }
 
   void gather() {
-    for (auto& g : gathers_) {
-      g();
+    for (auto& [dst, a] : copies_) {
+      switch (a.itemsize()) {
+        case 2:
+          copy_row_major(
+              static_cast<uint16_t*>(dst), a.data<uint16_t>(), a.shape(),
+              a.strides());
+          break;
+        case 4:
+          copy_row_major(
+              static_cast<uint32_t*>(dst), a.data<uint32_t>(), a.shape(),
+              a.strides());
+          break;
+        default:
+          copy_row_major(
+              static_cast<uint64_t*>(dst), a.data<uint64_t>(), a.shape(),
+              a.strides());
+          break;
+      }
     }
+    copies_.clear();
   }
 
  private:
-  std::vector<std::vector<char>> staged_;
-  std::vector<std::function<void()>> gathers_;
+  std::vector<mx::allocator::Data> staged_;
+  std::vector<std::pair<void*, mx::array>> copies_;
 };
 
 std::vector<int64_t> shape_of(const mx::array& a) {
@@ -66,7 +123,7 @@ class CpuRunner : public StepRunner {
       const SlotLayout& layout,
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs)
-      : step_(h) {
+      : step_(h, layout.size()) {
     for (size_t i = 0; i < layout.size(); ++i) {
       const auto& t = layout[i];
       TensorData<P, G> x;
@@ -132,20 +189,6 @@ std::shared_ptr<StepRunner> make_runner_p(
   }
 }
 
-// Give `out` a buffer: the input's own when MLX says it can be donated,
-// otherwise one from the step's buffer cache (NOTE: [eager step] explains
-// why fresh memory is expensive). Returns the bytes taken from the cache.
-size_t alloc_output(const mx::array& in, mx::array& out) {
-  if (in.is_donatable() && in.flags().row_contiguous &&
-      in.itemsize() == out.itemsize() && in.data_size() == in.size() &&
-      in.size() == out.size()) {
-    out.copy_shared_buffer(in);
-    return 0;
-  }
-  out.set_data(BufferCache::instance().acquire(out.nbytes()));
-  return out.nbytes();
-}
-
 } // namespace
 
 std::shared_ptr<StepRunner> make_runner(
@@ -177,15 +220,26 @@ void eval(
     return;
   }
   // Outputs first: donation must be decided before anything else holds the
-  // inputs.
-  size_t cached = 0;
+  // inputs (NOTE: [donation]).
+  std::vector<int> out_of_input(inputs.size(), -1);
   for (const auto& t : layout.tensors()) {
-    cached += alloc_output(inputs[t.param_in()], outputs[t.param_out()]);
+    out_of_input[t.param_in()] = t.param_out();
     for (Entry e : t.entries) {
-      cached += alloc_output(inputs[t.state_in(e)], outputs[t.state_out(e)]);
+      out_of_input[t.state_in(e)] = t.state_out(e);
     }
   }
-  BufferCache::instance().reserve(cached);
+  const auto donate = donatable_inputs(inputs, outputs, out_of_input);
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    const int o = out_of_input[j];
+    if (o < 0) {
+      continue;
+    }
+    if (donate[j]) {
+      outputs[o].copy_shared_buffer(inputs[j]);
+    } else {
+      outputs[o].set_data(fresh_buffer(outputs[o].nbytes()));
+    }
+  }
 
   auto runner = make_runner(h, keys, layout, inputs, outputs);
   auto& encoder = mx::cpu::get_command_encoder(stream);
@@ -224,19 +278,16 @@ std::vector<mx::array> run_eager(
       a.wait();
     }
   }
-  auto& cache = BufferCache::instance();
+  // NOTE: [output buffers]
   std::vector<mx::array> outputs;
   outputs.reserve(shapes.size());
-  size_t total = 0;
   for (size_t i = 0; i < shapes.size(); ++i) {
     size_t bytes = mx::size_of(dtypes[i]);
     for (auto d : shapes[i]) {
       bytes *= d;
     }
-    total += bytes;
-    outputs.emplace_back(cache.acquire(bytes), std::move(shapes[i]), dtypes[i]);
+    outputs.emplace_back(fresh_buffer(bytes), std::move(shapes[i]), dtypes[i]);
   }
-  cache.reserve(total);
   make_runner(h, keys, layout, inputs, outputs)
       ->execute(
           inputs[SlotLayout::kStep].item<float>(),

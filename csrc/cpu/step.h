@@ -19,7 +19,12 @@ namespace mlx_fused_adafactor::cpu {
 template <typename P, typename G>
 class CpuStep {
  public:
-  explicit CpuStep(const AdafactorHyper& h) : h_(h) {}
+  // `n`: the number of tensors that will be added.
+  CpuStep(const AdafactorHyper& h, size_t n) : h_(h) {
+    data_.reserve(n);
+    plans_.reserve(n);
+    items_.reserve(n);
+  }
 
   // Add a tensor; call plan() once all are added.
   void add(const TensorData<P, G>& data, const Geometry& geo, AF_UINT key) {
@@ -110,13 +115,24 @@ class CpuStep {
     const auto& x = data_[it.tensor];
     const auto& t = plans_[it.tensor];
     const float* scratch = scratch_.data();
-    if (has_flag(AF_MOMENTUM)) {
-      stochastic() ? cpu::pass3<true, true>(x, t, it, h_, scratch)
-                   : cpu::pass3<true, false>(x, t, it, h_, scratch);
-    } else {
-      stochastic() ? cpu::pass3<false, true>(x, t, it, h_, scratch)
-                   : cpu::pass3<false, false>(x, t, it, h_, scratch);
-    }
+    with_options([&](auto momentum, auto decay, auto stochastic) {
+      cpu::pass3<momentum(), decay(), stochastic()>(x, t, it, h_, scratch);
+    });
+  }
+
+  // Call f with the step's options as std::bool_constant arguments
+  // (momentum, weight decay, stochastic rounding).
+  template <typename F>
+  void with_options(F f) const {
+    auto decay = [&](auto momentum) {
+      auto rounding = [&](auto momentum, auto decay) {
+        stochastic() ? f(momentum, decay, std::true_type{})
+                     : f(momentum, decay, std::false_type{});
+      };
+      has_flag(AF_WEIGHT_DECAY) ? rounding(momentum, std::true_type{})
+                                : rounding(momentum, std::false_type{});
+    };
+    has_flag(AF_MOMENTUM) ? decay(std::true_type{}) : decay(std::false_type{});
   }
 
   bool has_flag(int flag) const {

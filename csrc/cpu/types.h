@@ -4,6 +4,8 @@
 // (mlx/types/bf16.h, fp16.h: round to nearest even, MLX's NaN patterns), but
 // written without branches or unions so that the compiler vectorizes the
 // loops that use them; MLX's struct types keep those loops scalar on x86.
+// Where MLX's float16_t is the hardware's __fp16 (arm64 with FP16
+// arithmetic), float16 converts as the hardware does.
 
 #pragma once
 
@@ -31,14 +33,31 @@ inline float bits_f32(uint32_t u) {
   return f;
 }
 
+// `a` where `c`, else `b`, without a branch: a branch around float
+// arithmetic (which may trap) keeps GCC from vectorizing the loop.
+inline uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return (a & m) | (b & ~m);
+}
+
 inline float to_float(float x) {
   return x;
 }
+
+#if defined(__ARM_FEATURE_FP16_SCALAR_ARITHMETIC)
+// MLX's float16_t is the hardware's __fp16 here: convert as it does.
+inline float to_float(f16 x) {
+  __fp16 h;
+  std::memcpy(&h, &x.bits, sizeof(h));
+  return h;
+}
+#endif
 
 inline float to_float(bf16 x) {
   return bits_f32(static_cast<uint32_t>(x.bits) << 16);
 }
 
+#if !defined(__ARM_FEATURE_FP16_SCALAR_ARITHMETIC)
 inline float to_float(f16 x) {
   const uint32_t w = static_cast<uint32_t>(x.bits) << 16;
   const uint32_t sign = w & 0x80000000u;
@@ -47,9 +66,11 @@ inline float to_float(f16 x) {
   const float normal = bits_f32((two_w >> 4) + (0xE0u << 23)) * bits_f32(0x7800000u);
   // Subnormal: the mantissa under a magic exponent, minus the magic bias.
   const float subnormal = bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t mag = two_w < (1u << 27) ? f32_bits(subnormal) : f32_bits(normal);
-  return bits_f32(sign | mag);
+  return bits_f32(
+      sign |
+      select_bits(two_w < (1u << 27), f32_bits(subnormal), f32_bits(normal)));
 }
+#endif
 
 template <typename T>
 inline T from_float(float v);
@@ -67,6 +88,15 @@ inline bf16 from_float<bf16>(float v) {
   return bf16{static_cast<uint16_t>(nan ? 0x7FC0u : rounded)};
 }
 
+#if defined(__ARM_FEATURE_FP16_SCALAR_ARITHMETIC)
+template <>
+inline f16 from_float<f16>(float v) {
+  const __fp16 h = static_cast<__fp16>(v);
+  f16 out;
+  std::memcpy(&out.bits, &h, sizeof(h));
+  return out;
+}
+#else
 template <>
 inline f16 from_float<f16>(float v) {
   const uint32_t u = f32_bits(v);
@@ -81,7 +111,8 @@ inline f16 from_float<f16>(float v) {
   const uint32_t m = f32_bits(magic);
   const uint32_t bits = ((m >> 13) & 0x7C00u) + (m & 0x0FFFu);
   const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-  return f16{static_cast<uint16_t>(sign | (nan ? 0x7D00u : bits))};
+  return f16{static_cast<uint16_t>(sign | select_bits(nan, 0x7D00u, bits))};
 }
+#endif
 
 } // namespace mlx_fused_adafactor::cpu

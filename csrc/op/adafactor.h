@@ -7,10 +7,10 @@
 //   - the pure-MLX implementation (NOTE: [reference]) on streams without
 //     fused kernels, when the reference backend is chosen, or for float64
 //     (NOTE: [float64]);
-//   - at once, on the CPU outside transformations (NOTE: [eager step]);
-//   - otherwise as AdafactorStep primitives of at most kMaxLazyOutputs
-//     outputs each (NOTE: [lazy chunks]), whose derivatives come from the
-//     reference.
+//   - at once for small tensors, and deferred for large ones, on the CPU
+//     outside transformations (NOTE: [eager step]);
+//   - otherwise as one AdafactorStep primitive per tensor (NOTE: [lazy
+//     chunks]), whose derivatives come from the reference.
 
 #pragma once
 
@@ -28,8 +28,9 @@ namespace mlx_fused_adafactor {
 
 namespace mx = mlx::core;
 
-// Outputs of one lazy primitive at most (NOTE: [lazy chunks]).
-constexpr size_t kMaxLazyOutputs = 48;
+// Parameters of at least this many bytes are deferred outside
+// transformations (NOTE: [eager step]).
+constexpr size_t kDeferMinBytes = size_t(1) << 20;
 
 // NOTE: [float64]
 // MLX computes in float64 on the CPU only, and stock trains float64
@@ -54,9 +55,15 @@ constexpr size_t kMaxLazyOutputs = 48;
 // (siblings of a multi-output primitive, detach, hashing), which is more
 // than the math of a 1K-element tensor. On a CPU stream and with no input
 // under a transformation (no tracer: not inside mx.compile, grad or vmap),
-// the step therefore evaluates its inputs and runs at once, returning plain
-// evaluated arrays. Otherwise it returns the
-// outputs of lazy AdafactorStep primitives. Both run the same CPU code.
+// the step therefore evaluates the inputs of its small tensors and runs
+// them at once, returning plain evaluated arrays. Tensors of at least
+// kDeferMinBytes are deferred instead, as lazy AdafactorStep primitives
+// evaluated with the caller's mx.eval: by then the caller has usually
+// dropped the old parameters and state (Optimizer.update replaces them in
+// the model and the state dict), so their buffers take the new values in
+// place (NOTE: [donation]) and the step needs neither fresh memory nor
+// its page faults. Under a transformation every tensor is lazy. All paths
+// run the same CPU code.
 std::vector<mx::array> adafactor_step(
     const mx::array& step,
     const mx::array& learning_rate,

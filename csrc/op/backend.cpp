@@ -7,7 +7,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "cpu/buffer_cache.h"
+#include "cpu/faults.h"
 #include "metal/metal.h"
 
 namespace mlx_fused_adafactor {
@@ -43,12 +43,15 @@ DeviceStatus find_status(const mlx::core::Stream& s) {
       return st;
     }
   }
-  st.check = self_check(s);
-  if (s.device == mlx::core::Device::cpu) {
-    // The check's outputs went through the CPU step's buffer cache; this
-    // is the first fused step of the process, so nothing else is there.
-    cpu::BufferCache::instance().clear();
+#if defined(AF_FAULTS)
+  // NOTE: [fault switch]: fault builds only.
+  if (cpu::self_check_off()) {
+    st.check.passed = true;
+    st.ready = true;
+    return st;
   }
+#endif
+  st.check = self_check(s);
   st.ready = st.check.passed;
   if (!st.ready) {
     st.failed = true;

@@ -9,7 +9,6 @@
 
 #include "mlx/version.h"
 
-#include "cpu/buffer_cache.h"
 #include "cpu/faults.h"
 #include "cpu/thread_pool.h"
 #include "metal/metal.h"
@@ -136,14 +135,6 @@ NB_MODULE(_ext, m) {
       "num_threads",
       [] { return af::cpu::ThreadPool::instance().num_threads(); },
       "Threads the CPU path spreads a step over.");
-  m.def(
-      "buffer_cache_bytes",
-      [] { return af::cpu::BufferCache::instance().cached_bytes(); },
-      "Bytes the CPU step keeps for reuse (NOTE: [eager step]).");
-  m.def(
-      "clear_buffer_cache",
-      [] { af::cpu::BufferCache::instance().clear(); },
-      "Free the buffers the CPU step keeps for reuse.");
 
 #if defined(AF_FAULTS)
   // NOTE: [fault switch]: only in fault builds, never installed.

@@ -89,14 +89,16 @@ std::vector<mx::array> input_state(
               ", which does not fit this parameter or these optimizer "
               "options.");
     }
-    mx::array a(0.0f);
-    if (!nb::try_cast<mx::array>(nb::handle(v), a)) {
+    // Not try_cast into a placeholder: a placeholder array costs an MLX
+    // allocation per entry.
+    if (!nb::isinstance<mx::array>(nb::handle(v))) {
       state_error(
           name,
           std::string("state '") + entry_key(e) + "' is a " +
               nb::type_name(nb::handle(v).type()).c_str() +
               ", not a float mlx array.");
     }
+    const mx::array& a = *nb::inst_ptr<mx::array>(nb::handle(v));
     const mx::Dtype want = entry_dtype(e, p.dtype());
     arrays.push_back(a.dtype() == want ? a : mx::astype(a, want));
   }

@@ -1,7 +1,10 @@
-// Checks that the CPU path's branch-free float16/bfloat16 conversions
-// (csrc/cpu/types.h) are bit-identical to MLX's own types: every 16-bit
-// pattern to float, and float to 16 bits over random and edge-case floats.
-// Prints the mismatch count and exits non-zero on any mismatch.
+// Checks that the CPU path's float16/bfloat16 conversions are bit-identical
+// to MLX's own types: every 16-bit pattern to float, and float to 16 bits
+// over random and edge-case floats. Both the element conversions of
+// csrc/cpu/types.h and the block conversions of csrc/cpu/convert.h
+// (NOTE: [float16 blocks]), by every path this machine has (scalar, F16C,
+// NEON). Prints the paths checked and the mismatch count, and exits
+// non-zero on any mismatch.
 
 #include <cmath>
 #include <cstdio>
@@ -11,6 +14,7 @@
 
 #include "mlx/types/half_types.h"
 
+#include "cpu/convert.h"
 #include "cpu/types.h"
 
 using namespace mlx_fused_adafactor::cpu;
@@ -65,6 +69,47 @@ int main() {
     if (gb != from_float<bf16>(f).bits) {
       report("f32->bf16", f32_bits(f), gb, from_float<bf16>(f).bits);
     }
+  }
+  // Block conversions, by each path, over the same inputs; odd lengths so
+  // that every path runs its vector body and its tail.
+  std::vector<f16> halves(65536 + 5);
+  for (size_t b = 0; b < halves.size(); ++b) {
+    halves[b] = f16{static_cast<uint16_t>(b & 0xFFFF)};
+  }
+  std::vector<float> got(halves.size());
+  std::vector<f16> got_halves(xs.size());
+  const struct {
+    HalfPath path;
+    const char* name;
+  } paths[] = {
+      {HalfPath::Scalar, "scalar"},
+      {HalfPath::F16C, "f16c"},
+      {HalfPath::Neon, "neon"}};
+  for (const auto& p : paths) {
+    if (!halves_to_floats_by(p.path, halves.data(), got.data(), halves.size())) {
+      std::printf("path %s: not on this machine\n", p.name);
+      continue;
+    }
+    for (size_t b = 0; b < halves.size(); ++b) {
+      mlx::core::float16_t h;
+      std::memcpy(&h, &halves[b].bits, 2);
+      const float want = static_cast<float>(h);
+      if (f32_bits(want) != f32_bits(got[b]) &&
+          !(std::isnan(want) && std::isnan(got[b]))) {
+        report(p.name, halves[b].bits, f32_bits(want), f32_bits(got[b]));
+      }
+    }
+    floats_to_halves_by(p.path, xs.data(), got_halves.data(), xs.size() - 3);
+    for (size_t i = 0; i + 3 < xs.size(); ++i) {
+      mlx::core::float16_t h(xs[i]);
+      uint16_t want;
+      std::memcpy(&want, &h, 2);
+      if (want != got_halves[i].bits) {
+        report(p.name, f32_bits(xs[i]), want, got_halves[i].bits);
+      }
+    }
+    std::printf("path %s: checked%s\n", p.name,
+                p.path == half_path() ? " (the one the step takes)" : "");
   }
   std::printf("mismatches: %ld\n", bad);
   return bad == 0 ? 0 : 1;
