@@ -53,8 +53,10 @@ mx::array random_bits(
   const mx::array lo = mx::astype(index, mx::uint32, s);
   const mx::array hi = mx::astype(mx::right_shift(index, mx::array(32, mx::uint64), s), mx::uint32, s);
   return fmix32(
-      mx::bitwise_xor(
-          fmix32(mx::bitwise_xor(lo, key, s), s), mx::add(hi, key, s), s),
+      mx::add(
+          mx::bitwise_xor(lo, key, s),
+          mx::multiply(hi, u32(0x9e3779b9u), s),
+          s),
       s);
 }
 
