@@ -19,8 +19,6 @@
 
 namespace mlx_fused_adafactor {
 
-namespace {
-
 std::string shape_str(const mx::Shape& shape) {
   std::ostringstream os;
   os << "(";
@@ -30,6 +28,8 @@ std::string shape_str(const mx::Shape& shape) {
   os << (shape.size() == 1 ? ",)" : ")");
   return os.str();
 }
+
+namespace {
 
 [[noreturn]] void fail(const std::string& path, const std::string& what) {
   throw std::invalid_argument("[adafactor] parameter '" + path + "': " + what);

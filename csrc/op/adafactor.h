@@ -32,6 +32,9 @@ namespace mx = mlx::core;
 // transformations (NOTE: [eager step]).
 constexpr size_t kDeferMinBytes = size_t(1) << 20;
 
+// A shape as Python prints it ("(3,)", "(2, 4)"), for error messages.
+std::string shape_str(const mx::Shape& shape);
+
 // NOTE: [float64]
 // MLX computes in float64 on the CPU only, and stock trains float64
 // parameters there. The fused kernels take float32, float16 and bfloat16;

@@ -12,6 +12,7 @@
 #include "mlx/ops.h"
 #include "mlx/transforms.h"
 
+#include "op/adafactor.h"
 #include "op/primitive.h"
 #include "op/reference.h"
 #include "schema/hyper.h"
@@ -103,16 +104,6 @@ mx::array filled(
         : a + b * uniform(stream, k) * (1.0f + 0.5f * uniform(stream + 1, k));
   }
   return mx::array(data.begin(), shape, mx::float32);
-}
-
-std::string shape_str(const mx::Shape& shape) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    os << (i ? ", " : "") << shape[i];
-  }
-  os << (shape.size() == 1 ? ",)" : ")");
-  return os.str();
 }
 
 const char* dtype_name(mx::Dtype t) {
